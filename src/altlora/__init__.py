@@ -1,0 +1,23 @@
+"""altlora: LoRA optimizers that approximate the full gradient in the low-rank space.
+
+Implements AltLoRA and AltLoRA+ (arXiv 2505.12455) as ``torch.optim.Optimizer`` subclasses
+that find LoRA factor pairs by model structure.
+"""
+
+from .factory import OPTIMIZERS, create_optimizer, register_optimizer
+from .optim import AltLoRA, AltLoRAPlus, altlora_factor_update
+from .pairing import LoRAPair, LoRAPairingError, find_lora_pairs
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AltLoRA",
+    "AltLoRAPlus",
+    "LoRAPair",
+    "LoRAPairingError",
+    "OPTIMIZERS",
+    "altlora_factor_update",
+    "create_optimizer",
+    "find_lora_pairs",
+    "register_optimizer",
+]

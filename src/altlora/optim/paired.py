@@ -1,0 +1,381 @@
+"""Base class for optimizers that treat LoRA factors as pairs.
+
+Structure lives in ``param_groups``: a *LoRA group* holds ``[A1, B1, A2, B2, ...]`` (built
+from model structure, so the order is known, not assumed) plus plain-Python metadata
+(``pair_names``, ``scaling``, ``step``); an *aux group* holds every other trainable tensor and
+is updated with AdamW inside the same optimizer. Tensors are always read from
+``group["params"]`` at step time, so frameworks that swap them in place (accelerate's FSDP2
+preparation) and ``state_dict`` round trips keep working.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from ..pairing import LoRAPair, LoRAPairingError, as_matrix, as_pairs, find_lora_pairs, no_pairs_message
+from .adamw import adamw_update
+
+__all__ = ["PairedOptimizer", "PairBucket", "r_first", "check_not_flattened"]
+
+_DEEPSPEED_MSG = (
+    "{what}: the parameters look flattened or partitioned by DeepSpeed ZeRO, so the optimizer "
+    "cannot see the (A, B) matrices. Matrix-aware LoRA optimizers are unsupported under "
+    "DeepSpeed ZeRO; use DDP (torchrun / accelerate launch) or FSDP2 (fully_shard) instead, "
+    "or DeepSpeed without ZeRO partitioning of the LoRA parameters."
+)
+
+
+def check_not_flattened(params: Iterable[torch.Tensor], what: str) -> None:
+    for p in params:
+        if hasattr(p, "ds_id") or hasattr(p, "ds_tensor"):
+            raise LoRAPairingError(_DEEPSPEED_MSG.format(what=what))
+
+
+def r_first(t: torch.Tensor, factor: str) -> torch.Tensor:
+    """View a factor with the rank dimension first: A -> (r, d), B -> B^T (r, k)."""
+    m = as_matrix(t)
+    return m if factor == "A" else m.mT
+
+
+def state_dtype_for(p: torch.Tensor, linalg_dtype: torch.dtype | None) -> torch.dtype:
+    """Optimizer state precision: at least float32, float64 if params or linalg ask for it."""
+    dt = torch.promote_types(p.dtype, torch.float32)
+    if linalg_dtype is not None:
+        dt = torch.promote_types(dt, linalg_dtype)
+    return dt
+
+
+@dataclass
+class PairBucket:
+    """Pairs of one LoRA group with identical shapes, dtype and device, stepped as a batch."""
+
+    index: list[int]  # positions of the pairs inside the group
+    A: list[torch.Tensor]
+    B: list[torch.Tensor]
+    scaling: list[float]
+
+    def factor(self, which: str) -> list[torch.Tensor]:
+        return self.A if which == "A" else self.B
+
+    def other(self, which: str) -> list[torch.Tensor]:
+        return self.B if which == "A" else self.A
+
+
+def _param_names(model: nn.Module | None) -> dict[int, str]:
+    return {} if model is None else {id(p): n for n, p in model.named_parameters()}
+
+
+def _normalise_groups(params: Any) -> list[dict]:
+    """Turn tensors, (name, tensor) tuples or dict groups into a list of dict groups."""
+    if isinstance(params, torch.Tensor):
+        raise TypeError("params must be an iterable of tensors or dicts, not a single tensor")
+    items = list(params)
+    if not items:
+        return []
+    if not isinstance(items[0], dict):
+        items = [{"params": items}]
+    groups = []
+    for g in items:
+        g = dict(g)
+        ps = g["params"]
+        ps = [ps] if isinstance(ps, torch.Tensor) else list(ps)
+        names = g.pop("param_names", None)
+        if ps and isinstance(ps[0], tuple):
+            names, ps = [n for n, _ in ps], [p for _, p in ps]
+        g["params"], g["_names"] = ps, names
+        groups.append(g)
+    return groups
+
+
+def build_param_groups(
+    params: Any,
+    model: nn.Module | None,
+    pairs: list[LoRAPair],
+    lora_options: dict,
+    aux_options: dict,
+) -> tuple[list[dict], list[list[LoRAPair] | None]]:
+    """Split user parameters into LoRA pair groups and AdamW aux groups.
+
+    Each user group yields at most one LoRA group (pairs whose two factors it holds, with the
+    user group's options) and one aux group (its remaining tensors, AdamW with ``aux_options``
+    unless the user group overrides ``lr``).
+    """
+    names = _param_names(model)
+    if params is None:
+        params = [p for p in model.parameters() if p.requires_grad] if model is not None else []
+        params += [t for pr in pairs for t in (pr.A, pr.B) if all(t is not q for q in params)]
+    user_groups = _normalise_groups(params)
+    pair_of = {}
+    for pr in pairs:
+        pair_of[id(pr.A)] = pr
+        pair_of[id(pr.B)] = pr
+
+    groups, sources = [], []
+    for ug in user_groups:
+        ps, given = ug.pop("params"), ug.pop("_names")
+        local_names = {id(p): n for p, n in zip(ps, given)} if given else {}
+        member = {id(p) for p in ps}
+        group_pairs, aux = [], []
+        for p in ps:
+            pr = pair_of.get(id(p))
+            if pr is None:
+                aux.append(p)
+                continue
+            if id(pr.A) not in member or id(pr.B) not in member:
+                raise LoRAPairingError(
+                    f"{pr.name}: the A and B factors of this LoRA pair are in different param "
+                    "groups; put both factors of a pair in the same group."
+                )
+            if p is pr.A:
+                group_pairs.append(pr)
+
+        def name_of(p, fallback):
+            return local_names.get(id(p)) or names.get(id(p)) or fallback
+
+        if group_pairs:
+            lora_group = {**lora_options, **ug}
+            lora_group.update(
+                params=[t for pr in group_pairs for t in (pr.A, pr.B)],
+                param_names=[
+                    n for i, pr in enumerate(group_pairs)
+                    for n in (name_of(pr.A, pr.a_name or f"{pr.name or i}.A"),
+                              name_of(pr.B, pr.b_name or f"{pr.name or i}.B"))
+                ],
+                lora=True,
+                pair_names=[pr.name or f"pair{i}" for i, pr in enumerate(group_pairs)],
+                scaling=[pr.current_scaling() for pr in group_pairs],
+                step=0,
+            )
+            groups.append(lora_group)
+            sources.append(group_pairs)
+        if aux:
+            aux_group = {**aux_options, **{k: v for k, v in ug.items() if k == "lr"}}
+            aux_group.update(
+                params=aux,
+                param_names=[name_of(p, f"param{len(groups)}.{i}") for i, p in enumerate(aux)],
+                lora=False,
+            )
+            groups.append(aux_group)
+            sources.append(None)
+    return groups, sources
+
+
+class PairedOptimizer(torch.optim.Optimizer):
+    """Common machinery: pairing, aux AdamW group, batching, state precision, diagnostics.
+
+    Subclasses implement :meth:`_lora_step` for one LoRA group.
+    """
+
+    _lora_keys: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        params: Any,
+        lora_options: dict,
+        *,
+        model: nn.Module | None = None,
+        pairs: Iterable | None = None,
+        aux_lr: float | None = None,
+        aux_betas: tuple[float, float] = (0.9, 0.999),
+        aux_eps: float = 1e-8,
+        aux_weight_decay: float = 0.0,
+        on_nonfinite: str = "skip",
+        linalg_dtype: torch.dtype | None = None,
+    ) -> None:
+        if isinstance(params, nn.Module):
+            if model is not None and model is not params:
+                raise ValueError("pass the model either positionally or as model=, not both")
+            model, params = params, None
+        lr = lora_options["lr"]
+        _check_range("lr", lr, 0.0, None)
+        _check_range("aux_lr", aux_lr if aux_lr is not None else lr, 0.0, None)
+        _check_betas("aux_betas", aux_betas)
+        _check_range("aux_eps", aux_eps, 0.0, None)
+        _check_range("aux_weight_decay", aux_weight_decay, 0.0, None)
+        if on_nonfinite not in ("skip", "raise"):
+            raise ValueError(f"on_nonfinite must be 'skip' or 'raise', got {on_nonfinite!r}")
+        if linalg_dtype not in (None, torch.float32, torch.float64):
+            raise ValueError(f"linalg_dtype must be None, torch.float32 or torch.float64, got {linalg_dtype}")
+
+        if pairs is not None:
+            pair_list = as_pairs(pairs)
+        elif model is not None:
+            pair_list = find_lora_pairs(model)
+        else:
+            raise LoRAPairingError(
+                f"{type(self).__name__} needs to know which tensors form LoRA pairs: pass the "
+                "model (e.g. AltLoRA(model, lr=...) or model=model), or pairs=[(A, B, scaling), ...]."
+            )
+        if params is not None and not isinstance(params, (list, tuple)):
+            params = list(params)
+        if params is not None:
+            check_not_flattened(
+                (p for g in _normalise_groups(params) for p in g["params"]), type(self).__name__
+            )
+        if not pair_list:
+            raise LoRAPairingError(no_pairs_message(model))
+
+        aux_options = dict(lr=aux_lr if aux_lr is not None else lr, betas=tuple(aux_betas),
+                           eps=aux_eps, weight_decay=aux_weight_decay)
+        groups, sources = build_param_groups(params, model, pair_list, lora_options, aux_options)
+        if not any(g["lora"] for g in groups):
+            raise LoRAPairingError(
+                f"None of the parameters passed to {type(self).__name__} belongs to a LoRA pair "
+                f"of the model ({len(pair_list)} pairs found, e.g. {pair_list[0].name}); pass the "
+                "LoRA factors or the whole model."
+            )
+        defaults = dict(lora_options, lora=False, betas=tuple(aux_betas), eps=aux_eps)
+        self.on_nonfinite = on_nonfinite
+        self.linalg_dtype = linalg_dtype
+        super().__init__(groups, defaults)
+        self._sources = sources
+
+    # ------------------------------------------------------------------ stepping
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for gi, group in enumerate(self.param_groups):
+            if group.get("lora"):
+                self._check_lora_group(group)
+                self._refresh_scaling(gi, group)
+                self._lora_step(group)
+                group["step"] += 1
+            else:
+                self._aux_step(group)
+        return loss
+
+    def _lora_step(self, group: dict) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _check_lora_group(self, group: dict) -> None:
+        ps = group["params"]
+        if len(ps) != 2 * len(group["pair_names"]) or (ps and ps[0].dim() < 2):
+            raise LoRAPairingError(_DEEPSPEED_MSG.format(what=type(self).__name__))
+
+    def _refresh_scaling(self, gi: int, group: dict) -> None:
+        sources = self._sources[gi] if gi < len(self._sources) else None
+        if sources is not None:
+            group["scaling"] = [pr.current_scaling() for pr in sources]
+
+    def pair_buckets(self, group: dict, needs_grad: str) -> list[PairBucket]:
+        """Batch the pairs of ``group`` whose factor ``needs_grad`` ("A" or "B") has a gradient."""
+        ps = group["params"]
+        buckets: dict[tuple, PairBucket] = {}
+        for i, s in enumerate(group["scaling"]):
+            A, B = ps[2 * i], ps[2 * i + 1]
+            if (A if needs_grad == "A" else B).grad is None:
+                continue
+            key = (A.shape, B.shape, A.dtype, B.dtype, A.device)
+            b = buckets.get(key)
+            if b is None:
+                b = buckets[key] = PairBucket([], [], [], [])
+            b.index.append(i)
+            b.A.append(A)
+            b.B.append(B)
+            b.scaling.append(s)
+        return list(buckets.values())
+
+    def _aux_step(self, group: dict) -> None:
+        params, grads, m, v, steps = [], [], [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("sparse gradients are not supported; use a dense embedding")
+            st = self.state[p]
+            if not st:
+                dt = state_dtype_for(p, None)
+                st["step"] = torch.zeros((), dtype=torch.float32)
+                st["exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
+            params.append(p)
+            grads.append(p.grad)
+            m.append(st["exp_avg"])
+            v.append(st["exp_avg_sq"])
+            steps.append(st["step"])
+        beta1, beta2 = group["betas"]
+        adamw_update(params, grads, m, v, steps, lr=group["lr"], beta1=beta1, beta2=beta2,
+                     eps=group["eps"], weight_decay=group["weight_decay"])
+
+    # ------------------------------------------------------------------ state
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load state, keeping each saved tensor's dtype (torch would cast state to the param dtype,
+        silently turning float32 moments of bf16 parameters into bf16)."""
+        saved = {
+            k: {kk: vv.dtype for kk, vv in v.items() if torch.is_tensor(vv)}
+            for k, v in state_dict["state"].items()
+        }
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for idx, dtypes in saved.items():
+            if not isinstance(idx, int) or idx >= len(params):
+                continue
+            st = self.state[params[idx]]
+            for key, dt in dtypes.items():
+                if st[key].dtype != dt:
+                    st[key] = st[key].to(dt)
+
+    # ------------------------------------------------------------------ diagnostics
+    @torch.no_grad()
+    def stats(self) -> dict:
+        """Opt-in diagnostics (not computed during ``step``): phase, skipped pairs, Gram conditions."""
+        out: dict[str, Any] = {"groups": []}
+        total_skipped = 0
+        for group in self.param_groups:
+            if not group.get("lora"):
+                continue
+            ps, ridge = group["params"], group.get("ridge", 0.0)
+            pairs = []
+            for i, name in enumerate(group["pair_names"]):
+                A, B = as_matrix(ps[2 * i]).double(), as_matrix(ps[2 * i + 1]).double()
+                skipped = sum(int(self.state[p].get("nonfinite_skips", 0)) for p in (ps[2 * i], ps[2 * i + 1]))
+                total_skipped += skipped
+                pairs.append({
+                    "name": name,
+                    "scaling": group["scaling"][i],
+                    "cond_BtB": _cond(B.mT @ B, ridge),
+                    "cond_AAt": _cond(A @ A.mT, ridge),
+                    "skipped_steps": skipped,
+                })
+            out["groups"].append({"step": group["step"], "phase": self.phase(group), "pairs": pairs})
+        out["skipped_steps"] = total_skipped
+        out["phase"] = out["groups"][0]["phase"] if out["groups"] else None
+        return out
+
+    def phase(self, group: dict | None = None) -> str:
+        """Name of the factor(s) the next ``step()`` updates."""
+        return "AB"
+
+
+def _cond(gram: torch.Tensor, ridge: float) -> float:
+    ev = torch.linalg.eigvalsh(gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype))
+    lo = ev[0].item()
+    return float("inf") if lo <= 0 else ev[-1].item() / lo
+
+
+def _check_range(name: str, value: float, lo: float, hi: float | None, hi_open: bool = True) -> None:
+    if not isinstance(value, (int, float)) or value != value:
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if value < lo or (hi is not None and (value >= hi if hi_open else value > hi)):
+        bound = f"[{lo}, {hi})" if hi is not None else f">= {lo}"
+        raise ValueError(f"invalid {name}: {value} (must be {bound})")
+
+
+def _check_betas(name: str, betas: Iterable[float]) -> None:
+    for i, b in enumerate(betas):
+        _check_range(f"{name}[{i}]", b, 0.0, 1.0)
+
+
+def closest(name: str, options: Iterable[str]) -> str:
+    """' Did you mean X?' suffix for error messages, or ''."""
+    m = difflib.get_close_matches(name, list(options), n=1)
+    return f" Did you mean {m[0]!r}?" if m else ""
+
