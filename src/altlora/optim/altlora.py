@@ -277,7 +277,7 @@ class AltLoRA(_AltLoRABase):
         linalg_dtype: ``torch.float64`` to do state and r x r algebra in double precision.
     """
 
-    def __init__(self, params: Any, lr: float = 1e-3, *, beta1: float = 0.9,
+    def __init__(self, params: Any = None, lr: float = 1e-3, *, beta1: float = 0.9,
                  weight_decay: float = 0.0, ridge: float = 1e-6, switch_every: int = 1,
                  first: str = "A", mode: str = "alternating", convention: str = "paper",
                  divide_by_scaling_sq: bool | None = None,
@@ -304,7 +304,7 @@ class AltLoRAPlus(_AltLoRABase):
 
     _second_moment = True
 
-    def __init__(self, params: Any, lr: float = 1e-4, *, betas: tuple[float, float] = (0.9, 0.999),
+    def __init__(self, params: Any = None, lr: float = 1e-4, *, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, ridge: float = 1e-6,
                  switch_every: int = 1, first: str = "A", mode: str = "alternating",
                  convention: str = "paper", divide_by_scaling_sq: bool | None = None,

@@ -213,16 +213,13 @@ class PairedOptimizer(torch.optim.Optimizer):
             )
         if params is not None and not isinstance(params, (list, tuple)):
             params = list(params)
-        if params is not None:
-            check_not_flattened(
-                (p for g in _normalise_groups(params) for p in g["params"]), type(self).__name__
-            )
         if not pair_list:
             raise LoRAPairingError(no_pairs_message(model))
 
         aux_options = dict(lr=aux_lr if aux_lr is not None else lr, betas=tuple(aux_betas),
                            eps=aux_eps, weight_decay=aux_weight_decay)
         groups, sources = build_param_groups(params, model, pair_list, lora_options, aux_options)
+        check_not_flattened((p for g in groups for p in g["params"]), type(self).__name__)
         if not any(g["lora"] for g in groups):
             raise LoRAPairingError(
                 f"None of the parameters passed to {type(self).__name__} belongs to a LoRA pair "

@@ -1,0 +1,335 @@
+"""Optimizer contract: alternation, accumulation, resume, schedulers, precision, bad input."""
+
+import io
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import altlora
+from altlora import AltLoRA, AltLoRAPlus
+from lowrank_problem import DT, Problem, rel
+
+CLASSES = [AltLoRA, AltLoRAPlus]
+IDS = ["altlora", "altlora_plus"]
+
+
+def tiny_peft_llama(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    model = LlamaForCausalLM(cfg).to(dtype)
+    lcfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                      modules_to_save=["lm_head"])
+    return get_peft_model(model, lcfg)
+
+
+def batch(seed, n=4, length=8):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 64, (n, length), generator=g)
+
+
+def train(model, opt, steps, start=0, sched=None):
+    for t in range(start, start + steps):
+        x = batch(t)
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        opt.zero_grad()
+
+
+def snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=IDS)
+def test_only_the_active_factor_and_its_state_change(cls):
+    prob, s = Problem(), 2.0
+    A, B = prob.params(s)
+    opt = cls(pairs=[(A, B, s)], lr=1e-2, first="B")
+    for t in range(6):
+        active, inactive = (B, A) if t % 2 == 0 else (A, B)
+        before = inactive.detach().clone()
+        st_before = {k: v.clone() for k, v in opt.state[inactive].items()}
+        assert opt.phase() == ("B" if t % 2 == 0 else "A")
+        prob.backward(A, B, s)
+        act_before = active.detach().clone()
+        opt.step()
+        assert torch.equal(inactive.detach(), before)
+        assert all(torch.equal(opt.state[inactive][k], v) for k, v in st_before.items())
+        if t > 0:  # the very first B-step from B0 != 0 moves too; check every step after
+            assert not torch.equal(active.detach(), act_before)
+
+
+@pytest.mark.parametrize("mode,first,every,expected", [
+    ("alternating", "A", 1, "ABABAB"),
+    ("alternating", "B", 1, "BABABA"),
+    ("alternating", "B", 2, "BBAABB"),
+    ("alternating", "A", 3, "AAABBB"),
+    ("joint", "A", 1, ["AB"] * 6),
+])
+def test_schedule_of_updated_factors(mode, first, every, expected):
+    prob, s = Problem(), 2.0
+    A, B = prob.params(s)
+    opt = AltLoRA(pairs=[(A, B, s)], lr=1e-2, first=first, switch_every=every, mode=mode)
+    seen = []
+    for _ in range(6):
+        a0, b0 = A.detach().clone(), B.detach().clone()
+        prob.backward(A, B, s)
+        opt.step()
+        seen.append(("A" if not torch.equal(A.detach(), a0) else "") +
+                    ("B" if not torch.equal(B.detach(), b0) else ""))
+    assert seen == list(expected)
+
+
+def test_switch_every_one_keeps_no_copy_of_the_other_factor():
+    """Issue item 8: state is one momentum per factor plus r x r (about half of AdamW's)."""
+    model = tiny_peft_llama()
+    opt = AltLoRA(model, lr=1e-2)
+    adam = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    train(model, opt, 4)
+    train(model, adam, 1)
+    for group in opt.param_groups:
+        if not group["lora"]:
+            continue
+        for p in group["params"]:
+            st = opt.state[p]
+            assert set(st) == {"exp_avg", "basis_cross", "nonfinite_skips"}
+            assert st["exp_avg"].numel() == p.numel()
+            assert st["basis_cross"].shape == (4, 4)
+            # exactly: momentum + r x r basis change + a skip counter
+            assert _state_bytes(opt, [p]) == p.numel() * 4 + 4 * 4 * 4 + 8
+
+
+def _state_bytes(opt, params):
+    return sum(t.numel() * t.element_size() for p in params for t in opt.state[p].values()
+               if torch.is_tensor(t))
+
+
+def test_state_is_about_half_of_adamw_on_a_realistic_pair():
+    A = torch.nn.Parameter(torch.randn(8, 1024) / 32)
+    B = torch.nn.Parameter(torch.randn(1024, 8) / 32)
+    opt = AltLoRA(pairs=[(A, B, 2.0)], lr=1e-3, mode="joint")
+    adam = torch.optim.AdamW([A, B], lr=1e-3)
+    A.grad, B.grad = torch.randn_like(A), torch.randn_like(B)
+    opt.step()
+    adam.step()
+    assert _state_bytes(opt, [A, B]) / _state_bytes(adam, [A, B]) < 0.51
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=IDS)
+def test_gradient_accumulation_equals_big_batch(cls):
+    prob, s = Problem(n=40), 2.0
+    A1, B1 = prob.params(s)
+    A2, B2 = prob.params(s)
+    o1 = cls(pairs=[(A1, B1, s)], lr=1e-2)
+    o2 = cls(pairs=[(A2, B2, s)], lr=1e-2)
+    X, Y = prob.X, prob.Y
+    for _ in range(6):
+        prob.backward(A1, B1, s)
+        o1.step()
+        o2.zero_grad()
+        for chunk in range(4):  # 4 micro-batches, losses averaged as a Trainer does
+            sl = slice(10 * chunk, 10 * chunk + 10)
+            W = prob.W(A2, B2, s)
+            (((torch.tanh(X[sl] @ W.T) - Y[sl]) ** 2).mean() / 4).backward()
+        o2.step()
+    assert rel(A2.detach(), A1.detach()) < 1e-12
+    assert rel(B2.detach(), B1.detach()) < 1e-12
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(switch_every=3, first="B"), dict(mode="joint")],
+                         ids=["default", "switch3", "joint"])
+@pytest.mark.parametrize("cls", CLASSES, ids=IDS)
+def test_resume_is_bit_identical(cls, kw):
+    n = 5  # odd, so the resume point is mid-phase for switch_every=3
+    ref = tiny_peft_llama()
+    opt = cls(ref, lr=1e-3, **kw)
+    train(ref, opt, 2 * n)
+
+    model = tiny_peft_llama()
+    opt = cls(model, lr=1e-3, **kw)
+    train(model, opt, n)
+    buf = io.BytesIO()
+    torch.save({"model": {k: v.clone() for k, v in model.state_dict().items()},
+                "optim": opt.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+
+    resumed = tiny_peft_llama(seed=123)  # different init: everything must come from the checkpoint
+    resumed.load_state_dict(ckpt["model"])
+    opt2 = cls(resumed, lr=1e-3, **kw)
+    opt2.load_state_dict(ckpt["optim"])
+    train(resumed, opt2, n, start=n)
+    a, b = snapshot(ref), snapshot(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=IDS)
+def test_lambda_lr_scheduler_halves_the_update(cls):
+    prob, s = Problem(), 2.0
+    deltas = []
+    for factor in (1.0, 0.5):
+        A, B = prob.params(s)
+        opt = cls(pairs=[(A, B, s)], lr=1e-2, first="A")
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: factor)
+        a0 = A.detach().clone()
+        prob.backward(A, B, s)
+        opt.step()
+        sched.step()
+        deltas.append(A.detach() - a0)
+    assert rel(deltas[1], 0.5 * deltas[0]) < 1e-9  # bound set by the subtraction A - A0
+
+
+def test_scheduler_changes_are_followed_during_training():
+    """The research code read self.defaults['lr']; ours follows group['lr'] at every step."""
+    prob, s = Problem(), 2.0
+    A, B = prob.params(s)
+    opt = AltLoRA(pairs=[(A, B, s)], lr=1e-2, beta1=0.0)
+    prob.backward(A, B, s)
+    opt.step()  # A-step
+    for g in opt.param_groups:
+        g["lr"] = 0.0
+    a, b = A.detach().clone(), B.detach().clone()
+    for _ in range(2):
+        prob.backward(A, B, s)
+        opt.step()
+    assert torch.equal(A.detach(), a) and torch.equal(B.detach(), b)
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=IDS)
+def test_bf16_params_keep_float32_state_and_track_float32_run(cls):
+    prob, s = Problem(), 2.0
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        A = torch.nn.Parameter(prob.A0.to(dtype))
+        B = torch.nn.Parameter(prob.B0.to(dtype))
+        opt = cls(pairs=[(A, B, s)], lr=1e-2, first="B")
+        for _ in range(20):
+            A.grad = B.grad = None
+            W = prob.W0.float() + s * B.float() @ A.float()
+            ((torch.tanh(prob.X.float() @ W.T) - prob.Y.float()) ** 2).mean().backward()
+            opt.step()
+        assert all(v.dtype in (torch.float32, torch.int64) for st in opt.state.values()
+                   for v in st.values())
+        # the dtype survives a save/load round trip (torch would cast it to bf16)
+        buf = io.BytesIO()
+        torch.save(opt.state_dict(), buf)
+        buf.seek(0)
+        fresh = cls(pairs=[(A, B, s)], lr=1e-2, first="B")
+        fresh.load_state_dict(torch.load(buf, weights_only=True))
+        assert fresh.state[A]["exp_avg"].dtype == torch.float32
+        results[dtype] = (B.float() @ A.float()).detach()
+    assert torch.isfinite(results[torch.bfloat16]).all()
+    assert rel(results[torch.bfloat16], results[torch.float32]) < 5e-2
+
+
+def test_released_code_convention_scales_by_s2_and_corrects_bias():
+    prob, s = Problem(), 4.0
+    steps = {}
+    for convention in ("paper", "released_code"):
+        A, B = prob.params(s)
+        opt = AltLoRA(pairs=[(A, B, s)], lr=1e-3, convention=convention)
+        a0 = A.detach().clone()
+        prob.backward(A, B, s)
+        opt.step()
+        steps[convention] = A.detach() - a0
+    # paper: lr (1 - b1) g~ ; released code: lr * s^2 g~ (bias correction undoes (1 - b1))
+    assert rel(steps["released_code"], steps["paper"] * s**2 / (1 - 0.9)) < 1e-9
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=IDS)
+def test_nonfinite_pair_is_skipped_and_counted_or_raises(cls):
+    prob, s = Problem(), 2.0
+    A1, B1 = prob.params(s)
+    A2, B2 = prob.params(s)
+    opt = cls(pairs=[(A1, B1, s, "good"), (A2, B2, s, "bad")], lr=1e-2)
+    prob.backward(A1, B1, s)
+    prob.backward(A2, B2, s)
+    A2.grad[0, 0] = float("nan")
+    a1, a2 = A1.detach().clone(), A2.detach().clone()
+    opt.step()
+    assert not torch.equal(A1.detach(), a1)
+    assert torch.equal(A2.detach(), a2)
+    assert torch.count_nonzero(opt.state[A2]["exp_avg"]) == 0
+    assert opt.stats()["skipped_steps"] == 1
+
+    strict = cls(pairs=[(A2, B2, s, "bad")], lr=1e-2, on_nonfinite="raise")
+    with pytest.raises(FloatingPointError, match="bad"):
+        strict.step()
+
+
+def test_stats_reports_phase_skips_and_gram_conditions():
+    model = tiny_peft_llama()
+    opt = AltLoRA(model, lr=1e-2, first="B")
+    train(model, opt, 3)
+    st = opt.stats()
+    assert st["phase"] == "A" and st["skipped_steps"] == 0
+    pair = st["groups"][0]["pairs"][0]
+    assert pair["scaling"] == 2.0 and pair["cond_AAt"] >= 1.0 and pair["cond_BtB"] >= 1.0
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(lr=-1.0), "lr"),
+    (dict(beta1=1.0), "beta1"),
+    (dict(switch_every=0), "switch_every"),
+    (dict(first="C"), "first"),
+    (dict(mode="gauss"), "mode"),
+    (dict(convention="authors"), "convention"),
+    (dict(ridge=-1e-6), "ridge"),
+    (dict(weight_decay=-0.1), "weight_decay"),
+    (dict(aux_betas=(0.9, 1.5)), "aux_betas"),
+    (dict(on_nonfinite="ignore"), "on_nonfinite"),
+])
+def test_invalid_hyperparameters_are_rejected(kwargs, match):
+    prob = Problem()
+    A, B = prob.params()
+    with pytest.raises(ValueError, match=match):
+        AltLoRA(pairs=[(A, B, 2.0)], **kwargs)
+
+
+def test_altlora_plus_betas_are_validated():
+    A, B = Problem().params()
+    with pytest.raises(ValueError, match="betas"):
+        AltLoRAPlus(pairs=[(A, B, 2.0)], betas=(0.9, -0.1))
+
+
+def test_create_optimizer_builds_each_registered_name_and_rejects_typos():
+    model = tiny_peft_llama()
+    assert isinstance(altlora.create_optimizer(model, "altlora", lr=1e-3), AltLoRA)
+    assert isinstance(altlora.create_optimizer(model, "altlora_plus", lr=1e-4, first="B"), AltLoRAPlus)
+    with pytest.raises(ValueError, match=r"valid names: .*altlora.*Did you mean 'altlora_plus'"):
+        altlora.create_optimizer(model, "altlora_pls")
+
+
+def test_non_lora_trainables_are_adamw_updated_exactly_like_torch():
+    """The aux group runs AdamW with torch's arithmetic (the lm_head copy here)."""
+    model = tiny_peft_llama()
+    opt = AltLoRA(model, lr=1e-2, aux_lr=3e-3, aux_weight_decay=0.1)
+    aux = [g for g in opt.param_groups if not g["lora"]]
+    assert len(aux) == 1 and all("lm_head" in n for n in aux[0]["param_names"])
+    head = aux[0]["params"][0]
+    twin = torch.nn.Parameter(head.detach().clone())
+    ref = torch.optim.AdamW([twin], lr=3e-3, weight_decay=0.1)
+    for t in range(3):
+        x = batch(t)
+        model(input_ids=x, labels=x).loss.backward()
+        twin.grad = head.grad.clone()
+        opt.step()
+        ref.step()
+        opt.zero_grad()
+    assert torch.allclose(head, twin, rtol=0, atol=1e-7)
+
+
+def test_float64_linalg_option():
+    prob = Problem()
+    A = torch.nn.Parameter(prob.A0.float())
+    B = torch.nn.Parameter(prob.B0.float())
+    opt = AltLoRA(pairs=[(A, B, 2.0)], lr=1e-2, linalg_dtype=torch.float64)
+    A.grad, B.grad = torch.ones_like(A), torch.ones_like(B)
+    opt.step()
+    assert opt.state[A]["exp_avg"].dtype == DT and A.dtype == torch.float32

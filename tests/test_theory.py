@@ -1,0 +1,215 @@
+"""The paper's identities, checked in float64 against autograd and least squares.
+
+Theorem 1 (eq. 8), eq. (9)/(11), Theorem 2 (problem 10), Theorem 4 (transformation
+invariance) and independent transcriptions of Algorithms 1 and 2.
+"""
+
+import pytest
+import torch
+
+from altlora import AltLoRA, AltLoRAPlus
+from lowrank_problem import DT, Problem, proj_col, proj_row, rel
+
+ETA = 0.05
+
+
+def make(cls, prob, s, transform=False, **kw):
+    A, B = prob.params(s, transform)
+    return A, B, cls(pairs=[(A, B, s)], lr=kw.pop("lr", ETA), **kw)
+
+
+def step(prob, A, B, s, opt):
+    prob.backward(A, B, s)
+    opt.step()
+
+
+def lstsq_left(M, T):
+    """argmin_X ||M X - T||_F."""
+    return torch.linalg.lstsq(M, T).solution
+
+
+def lstsq_right(M, T):
+    """argmin_X ||X M - T||_F."""
+    return torch.linalg.lstsq(M.T, T.T).solution.T
+
+
+@pytest.mark.parametrize("s", [0.5, 2.0, 4.0])
+def test_theorem1_steps_are_least_squares_solutions(s):
+    prob = Problem()
+    A, B, opt = make(AltLoRA, prob, s, beta1=0.0, ridge=0.0)
+    A0, B0 = A.detach().clone(), B.detach().clone()
+
+    G = prob.full_grad(A0, B0, s)  # problem (4) at W_t
+    step(prob, A, B, s, opt)
+    direction_A = (A0 - A.detach()) / ETA
+    assert rel(direction_A, lstsq_left(s * B0, G)) < 1e-10
+    assert torch.equal(B.detach(), B0)  # only A moved
+
+    A1 = A.detach().clone()
+    G_half = prob.full_grad(A1, B0, s)  # problem (6) at the half-updated point W_{t+1/2}
+    step(prob, A, B, s, opt)
+    direction_B = (B0 - B.detach()) / ETA
+    assert rel(direction_B, lstsq_right(s * A1, G_half)) < 1e-10
+    assert torch.equal(A.detach(), A1)
+
+
+def test_equation9_induced_update_is_projected_gradient_and_independent_of_s():
+    prob = Problem()
+    deltas = []
+    for s in (0.5, 2.0, 4.0):
+        A = torch.nn.Parameter(prob.A0.clone())
+        B = torch.nn.Parameter(prob.B0 * (2.0 / s))  # same W for every s
+        opt = AltLoRA(pairs=[(A, B, s)], lr=ETA, beta1=0.0, ridge=0.0)
+        W_t = prob.W(A, B, s).detach()
+        G_t = prob.full_grad(A.detach(), B.detach(), s)
+        Bt = B.detach().clone()
+        step(prob, A, B, s, opt)
+        A_next = A.detach().clone()
+        G_half = prob.full_grad(A_next, Bt, s)
+        step(prob, A, B, s, opt)
+        delta = prob.W(A, B, s).detach() - W_t
+        expected = -ETA * proj_col(Bt) @ G_t - ETA * G_half @ proj_row(A_next)
+        assert rel(delta, expected) < 1e-10
+        deltas.append(delta)
+    for d in deltas[1:]:
+        assert rel(d, deltas[0]) < 1e-10
+
+
+def test_theorem2_projected_momentum_solves_problem10():
+    prob, s, beta1 = Problem(), 2.0, 0.9
+    A, B, opt = make(AltLoRA, prob, s, beta1=beta1, ridge=0.0)
+
+    # step 0 (A), step 1 (B)
+    B_prev = B.detach().clone()  # B current at the A-step
+    step(prob, A, B, s, opt)
+    M_A = opt.state[A]["exp_avg"].clone()
+    A_prev = A.detach().clone()  # A current at the B-step
+    step(prob, A, B, s, opt)
+    M_B = opt.state[B]["exp_avg"].mT.clone()  # B's state is stored rank-first
+
+    # step 2 (A): M~A = argmin ||B_prev M_A - B M~||
+    Bn, An = B.detach().clone(), A.detach().clone()
+    G = prob.full_grad(An, Bn, s)
+    step(prob, A, B, s, opt)
+    M_tilde = lstsq_left(Bn, B_prev @ M_A)
+    expected = beta1 * M_tilde + (1 - beta1) * lstsq_left(s * Bn, G)
+    assert rel(opt.state[A]["exp_avg"], expected) < 1e-10
+    # the projected momentum lifted to W-space is Proj_c(B)(B_prev M)
+    assert rel(Bn @ M_tilde, proj_col(Bn) @ (B_prev @ M_A)) < 1e-10
+
+    # step 3 (B): M~B = argmin ||M_B A_prev - M~ A||
+    An, Bn = A.detach().clone(), B.detach().clone()
+    G = prob.full_grad(An, Bn, s)
+    step(prob, A, B, s, opt)
+    M_tilde = lstsq_right(An, M_B @ A_prev)
+    expected = beta1 * M_tilde + (1 - beta1) * lstsq_right(s * An, G)
+    assert rel(opt.state[B]["exp_avg"].mT, expected) < 1e-10
+
+
+@pytest.mark.parametrize("first", ["A", "B"])
+def test_theorem4_transformation_invariance(first):
+    prob, s, steps = Problem(), 2.0, 60
+    kw = dict(beta1=0.9, weight_decay=0.1, ridge=0.0, first=first)
+    A1, B1, o1 = make(AltLoRA, prob, s, **kw)
+    A2, B2, o2 = make(AltLoRA, prob, s, transform=True, **kw)
+    assert rel(B2 @ A2, B1 @ A1) < 1e-12
+    for _ in range(steps):
+        step(prob, A1, B1, s, o1)
+        step(prob, A2, B2, s, o2)
+    assert rel((B2 @ A2).detach(), (B1 @ A1).detach()) < 1e-10
+    assert rel(A2.detach(), prob.R @ A1.detach()) < 1e-10
+    assert rel((B1 @ A1).detach(), (prob.B0 @ prob.A0)) > 1e-2  # it really trained
+
+
+def test_theorem4_negative_control_adamw_is_not_invariant():
+    prob, s, steps = Problem(), 2.0, 60
+    runs = []
+    for transform in (False, True):
+        A, B = prob.params(s, transform)
+        opt = torch.optim.AdamW([A, B], lr=ETA, weight_decay=0.1)
+        for _ in range(steps):
+            step(prob, A, B, s, opt)
+        runs.append((B @ A).detach())
+    assert rel(runs[1], runs[0]) > 1e-2
+
+
+def test_altlora_plus_is_not_invariant():
+    """Paper §4.2 / D.2: the element-wise second moment breaks invariance."""
+    prob, s = Problem(), 2.0
+    A1, B1, o1 = make(AltLoRAPlus, prob, s, ridge=0.0, lr=1e-2)
+    A2, B2, o2 = make(AltLoRAPlus, prob, s, ridge=0.0, lr=1e-2, transform=True)
+    for _ in range(40):
+        step(prob, A1, B1, s, o1)
+        step(prob, A2, B2, s, o2)
+    assert rel((B2 @ A2).detach(), (B1 @ A1).detach()) > 1e-3
+
+
+def reference_run(prob, s, steps, *, plus, first="A", switch_every=1, mode="alternating", lr=ETA,
+                  beta1=0.9, beta2=0.999, eps=1e-8, wd=0.01, ridge=1e-6):
+    """Independent float64 transcription of Algorithms 1 and 2 (§1.3 index semantics)."""
+    A, B = prob.A0.clone(), prob.B0.clone()
+    r = A.shape[0]
+    I = torch.eye(r, dtype=DT)
+    MA, MB = torch.zeros_like(A), torch.zeros_like(B)
+    VA, VB = torch.zeros_like(A), torch.zeros_like(B)
+    B_prev, A_prev = torch.zeros_like(B), torch.zeros_like(A)  # other factor at last own update
+    other = {"A": "B", "B": "A"}[first]
+    for t in range(steps):
+        active = "AB" if mode == "joint" else (first if (t // switch_every) % 2 == 0 else other)
+        G = prob.full_grad(A, B, s)
+        gA, gB = s * B.T @ G, s * G @ A.T  # LoRA gradients (eq. 1)
+        newA, newB = A, B
+        if "A" in active:
+            gram = B.T @ B + ridge * I
+            g_t = torch.linalg.solve(gram, gA) / s**2
+            M_t = torch.linalg.solve(gram, B.T @ B_prev @ MA)
+            MA = beta1 * M_t + (1 - beta1) * g_t
+            VA = beta2 * VA + (1 - beta2) * g_t * g_t
+            dA = MA / (VA.sqrt() + eps) if plus else MA
+            newA = A - lr * (dA + wd * A)
+            B_prev = B
+        if "B" in active:
+            gram = A @ A.T + ridge * I
+            g_t = torch.linalg.solve(gram, gB.T).T / s**2
+            M_t = torch.linalg.solve(gram, (MB @ A_prev @ A.T).T).T
+            MB = beta1 * M_t + (1 - beta1) * g_t
+            VB = beta2 * VB + (1 - beta2) * g_t * g_t
+            dB = MB / (VB.sqrt() + eps) if plus else MB
+            newB = B - lr * (dB + wd * B)
+            A_prev = A
+        A, B = newA, newB
+    return A, B
+
+
+@pytest.mark.parametrize("plus", [False, True], ids=["altlora", "altlora_plus"])
+@pytest.mark.parametrize("first,switch_every,mode", [
+    ("A", 1, "alternating"), ("B", 1, "alternating"), ("B", 3, "alternating"), ("A", 1, "joint"),
+])
+def test_matches_float64_transcription_of_algorithms(plus, first, switch_every, mode):
+    prob, s, steps = Problem(), 2.0, 20
+    lr = 1e-2 if plus else ETA
+    cls = AltLoRAPlus if plus else AltLoRA
+    kw = dict(first=first, switch_every=switch_every, mode=mode, weight_decay=0.01, ridge=1e-6, lr=lr)
+    kw.update(dict(betas=(0.9, 0.999), eps=1e-8) if plus else dict(beta1=0.9))
+    A, B, opt = make(cls, prob, s, **kw)
+    for _ in range(steps):
+        step(prob, A, B, s, opt)
+    A_ref, B_ref = reference_run(prob, s, steps, plus=plus, first=first, switch_every=switch_every,
+                                 mode=mode, lr=lr)
+    assert rel(A.detach(), A_ref) < 1e-10
+    assert rel(B.detach(), B_ref) < 1e-10
+    assert rel(B_ref, prob.B0) > 1e-3  # both factors moved
+
+
+def test_a_first_with_zero_B_changes_A_only_by_weight_decay():
+    """§8 item 10: B0 = 0 makes grad_A = 0, so the first A-step is pure decay; then the first
+    B-step is the scaled step, and the A-momentum projected through B2^T B0 = 0 vanishes."""
+    prob, s, wd = Problem(b_zero=True), 2.0, 0.1
+    A, B, opt = make(AltLoRA, prob, s, weight_decay=wd)
+    A0 = A.detach().clone()
+    step(prob, A, B, s, opt)
+    assert torch.allclose(A.detach(), A0 * (1 - ETA * wd), rtol=0, atol=1e-15)
+    step(prob, A, B, s, opt)
+    assert B.detach().abs().max() > 0
+    # the basis change stored for A's next step is B_new^T B_0 = 0: old momentum is dropped
+    assert torch.count_nonzero(opt.state[B]["basis_cross"]) == 0
