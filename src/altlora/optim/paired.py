@@ -66,6 +66,11 @@ class PairBucket:
         return self.B if which == "A" else self.A
 
 
+def _pair_label(pr: LoRAPair, i: int) -> str:
+    base = pr.name or f"pair{i}"
+    return f"{base}[{pr.adapter}]" if pr.adapter else base
+
+
 def _param_names(model: nn.Module | None) -> dict[int, str]:
     return {} if model is None else {id(p): n for n, p in model.named_parameters()}
 
@@ -147,7 +152,7 @@ def build_param_groups(
                               name_of(pr.B, pr.b_name or f"{pr.name or i}.B"))
                 ],
                 lora=True,
-                pair_names=[pr.name or f"pair{i}" for i, pr in enumerate(group_pairs)],
+                pair_names=[_pair_label(pr, i) for i, pr in enumerate(group_pairs)],
                 scaling=[pr.current_scaling() for pr in group_pairs],
                 step=0,
             )
