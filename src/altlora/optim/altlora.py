@@ -17,11 +17,12 @@ keeps a copy of the other factor: AltLoRA's state is one momentum per factor plu
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from .paired import PairBucket, PairedOptimizer, _check_betas, _check_range, r_first, state_dtype_for
+from .paired import PairBucket, PairedOptimizer, _check_betas, _check_range, state_dtype_for
+from .sharding import all_reduce_and, all_reduce_sum, layout_of, local_r_first, write_r_first
 
 __all__ = ["AltLoRA", "AltLoRAPlus", "altlora_factor_update"]
 
@@ -38,7 +39,7 @@ _CONVENTIONS = {
 def altlora_factor_update(
     X: torch.Tensor,
     grad: torch.Tensor,
-    Y: torch.Tensor,
+    gram: torch.Tensor,
     cross: torch.Tensor,
     exp_avg: torch.Tensor,
     exp_avg_sq: torch.Tensor | None,
@@ -52,27 +53,28 @@ def altlora_factor_update(
     ridge: float = 1e-6,
     bc1: float = 1.0,
     bc2: float = 1.0,
+    sync_ok: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """One AltLoRA / AltLoRA+ half-step on a batch of factors (pure function).
 
     Args:
-        X: active factors, rank-first, shape (n, r, m).
+        X: active factors, rank-first, shape (n, r, m) (m may be a column shard).
         grad: their LoRA gradients, same shape.
-        Y: the other factors, rank-first, shape (n, r, m').
+        gram: ``Y Y^T`` of the other factors (n, r, r), without the ridge.
         cross: ``Y Y_prev^T`` (n, r, r), the basis change since the momentum was stored.
         exp_avg: stored first moments M (n, r, m), in the ``Y_prev`` basis.
         exp_avg_sq: second moments V for AltLoRA+, or None for AltLoRA.
         inv_s2: ``1/s^2`` per pair, shape (n, 1, 1) or a number.
+        sync_ok: combines the per-pair "update is valid" flags across column shards.
 
     Returns ``(X_new, M_new, V_new, ok)``; pairs with ``ok == False`` (non-finite gradient or
     update, or a Gram that is not positive definite) are returned unchanged.
     """
     r = X.shape[-2]
     eye = torch.eye(r, dtype=X.dtype, device=X.device)
-    L, info = torch.linalg.cholesky_ex(Y @ Y.mT + ridge * eye)
+    L, info = torch.linalg.cholesky_ex(gram + ridge * eye)
     ok = (info == 0) & torch.isfinite(grad).flatten(1).all(1)
-    mask = ok[:, None, None]
-    g = torch.where(mask, grad, 0.0)
+    g = torch.where(ok[:, None, None], grad, 0.0)
     carried = cross @ exp_avg
     if exp_avg_sq is None:
         M = torch.cholesky_solve(beta1 * carried + (1 - beta1) * inv_s2 * g, L)
@@ -86,6 +88,8 @@ def altlora_factor_update(
         direction = (M / bc1) / ((V / bc2).sqrt() + eps)
     X_new = X - lr * (direction + weight_decay * X)
     ok = ok & torch.isfinite(X_new).flatten(1).all(1)
+    if sync_ok is not None:
+        ok = sync_ok(ok)
     mask = ok[:, None, None]
     X_new = torch.where(mask, X_new, X)
     M = torch.where(mask, M, exp_avg)
@@ -169,32 +173,33 @@ class _AltLoRABase(PairedOptimizer):
         for apply in pending:
             apply()
 
-    def _state(self, p: torch.Tensor, factor: str, dt: torch.dtype) -> dict:
+    def _state(self, p: torch.Tensor, shape: torch.Size, dt: torch.dtype) -> dict:
         st = self.state[p]
         if not st:
-            shape = r_first(p, factor).shape
-            st["exp_avg"] = torch.zeros(shape, dtype=dt, device=p.device)
+            dev = p.device
+            st["exp_avg"] = torch.zeros(shape, dtype=dt, device=dev)
             if self._second_moment:
-                st["exp_avg_sq"] = torch.zeros(shape, dtype=dt, device=p.device)
-            st["basis_cross"] = torch.zeros(shape[0], shape[0], dtype=dt, device=p.device)
-            st["nonfinite_skips"] = torch.zeros((), dtype=torch.int64, device=p.device)
+                st["exp_avg_sq"] = torch.zeros(shape, dtype=dt, device=dev)
+            st["basis_cross"] = torch.zeros(shape[0], shape[0], dtype=dt, device=dev)
+            st["nonfinite_skips"] = torch.zeros((), dtype=torch.int64, device=dev)
         return st
 
     def _factor_update(self, group: dict, bucket: PairBucket, factor: str, t: int,
                        phase_first: bool, phase_last: bool):
         other = _OTHER[factor]
         xs, ys = bucket.factor(factor), bucket.other(factor)
+        x_lay, y_lay = layout_of(xs[0], factor), layout_of(ys[0], other)
         dt = state_dtype_for(xs[0], self.linalg_dtype)
-        x_states = [self._state(p, factor, dt) for p in xs]
-        y_states = [self._state(q, other, dt) for q in ys]
 
-        X = torch.stack([r_first(p, factor) for p in xs]).to(dt)
-        G = torch.stack([r_first(p.grad, factor) for p in xs]).to(dt)
-        Y = torch.stack([r_first(q, other) for q in ys]).to(dt)
-        if phase_first:
-            cross = torch.stack([s["basis_cross"] for s in y_states]).to(dt)
-        else:  # the other factor has not moved since this factor's previous step
-            cross = Y @ Y.mT
+        X = torch.stack([local_r_first(p, factor, x_lay) for p in xs]).to(dt)
+        G = torch.stack([local_r_first(p.grad, factor, x_lay) for p in xs]).to(dt)
+        Y = torch.stack([local_r_first(q, other, y_lay) for q in ys]).to(dt)
+        x_states = [self._state(p, X.shape[1:], dt) for p in xs]
+        y_states = [self._state(q, Y.shape[1:], dt) for q in ys]
+        gram = all_reduce_sum(Y @ Y.mT, y_lay)
+        # At a phase's first step the other factor has moved since this factor's last update:
+        # use the stored basis change; otherwise Y_prev = Y and the change is the Gram itself.
+        cross = torch.stack([s["basis_cross"] for s in y_states]).to(dt) if phase_first else gram
         M = torch.stack([s["exp_avg"] for s in x_states]).to(dt)
         V = torch.stack([s["exp_avg_sq"] for s in x_states]).to(dt) if self._second_moment else None
 
@@ -210,8 +215,9 @@ class _AltLoRABase(PairedOptimizer):
         bc2 = 1 - beta2**n_updates if bc == "both" and self._second_moment else 1.0
 
         X_new, M_new, V_new, ok = altlora_factor_update(
-            X, G, Y, cross, M, V, inv_s2=inv_s2, lr=group["lr"], beta1=beta1, beta2=beta2,
+            X, G, gram, cross, M, V, inv_s2=inv_s2, lr=group["lr"], beta1=beta1, beta2=beta2,
             eps=eps, weight_decay=group["weight_decay"], ridge=group["ridge"], bc1=bc1, bc2=bc2,
+            sync_ok=lambda flags: all_reduce_and(flags, x_lay),
         )
         if self.on_nonfinite == "raise" and not bool(ok.all()):
             bad = [group["pair_names"][bucket.index[i]] for i in (~ok).nonzero().flatten().tolist()]
@@ -226,12 +232,12 @@ class _AltLoRABase(PairedOptimizer):
         if phase_last:
             starts = [s.pop("phase_start", None) for s in x_states]
             start = X if any(s is None for s in starts) else torch.stack(starts)
-            cross_out = X_new @ start.mT
+            cross_out = all_reduce_sum(X_new @ start.mT, x_lay)
         elif phase_first:
             start_snapshot = X
 
         def apply() -> None:
-            torch._foreach_copy_([r_first(p, factor) for p in xs], list(X_new.unbind(0)))
+            write_r_first(xs, factor, x_lay, list(X_new.unbind(0)))
             torch._foreach_copy_([s["exp_avg"] for s in x_states], list(M_new.unbind(0)))
             if V_new is not None:
                 torch._foreach_copy_([s["exp_avg_sq"] for s in x_states], list(V_new.unbind(0)))

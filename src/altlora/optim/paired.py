@@ -19,6 +19,7 @@ from torch import nn
 
 from ..pairing import LoRAPair, LoRAPairingError, as_matrix, as_pairs, find_lora_pairs, no_pairs_message
 from .adamw import adamw_update
+from .sharding import full, r_first
 
 __all__ = ["PairedOptimizer", "PairBucket", "r_first", "check_not_flattened"]
 
@@ -34,12 +35,6 @@ def check_not_flattened(params: Iterable[torch.Tensor], what: str) -> None:
     for p in params:
         if hasattr(p, "ds_id") or hasattr(p, "ds_tensor"):
             raise LoRAPairingError(_DEEPSPEED_MSG.format(what=what))
-
-
-def r_first(t: torch.Tensor, factor: str) -> torch.Tensor:
-    """View a factor with the rank dimension first: A -> (r, d), B -> B^T (r, k)."""
-    m = as_matrix(t)
-    return m if factor == "A" else m.mT
 
 
 def state_dtype_for(p: torch.Tensor, linalg_dtype: torch.dtype | None) -> torch.dtype:
@@ -275,7 +270,8 @@ class PairedOptimizer(torch.optim.Optimizer):
             A, B = ps[2 * i], ps[2 * i + 1]
             if (A if needs_grad == "A" else B).grad is None:
                 continue
-            key = (A.shape, B.shape, A.dtype, B.dtype, A.device)
+            key = (A.shape, B.shape, A.dtype, B.dtype, A.device,
+                   getattr(A, "placements", None), getattr(B, "placements", None))
             b = buckets.get(key)
             if b is None:
                 b = buckets[key] = PairBucket([], [], [], [])
@@ -337,7 +333,7 @@ class PairedOptimizer(torch.optim.Optimizer):
             ps, ridge = group["params"], group.get("ridge", 0.0)
             pairs = []
             for i, name in enumerate(group["pair_names"]):
-                A, B = as_matrix(ps[2 * i]).double(), as_matrix(ps[2 * i + 1]).double()
+                A, B = as_matrix(full(ps[2 * i])).double(), as_matrix(full(ps[2 * i + 1])).double()
                 skipped = sum(int(self.state[p].get("nonfinite_skips", 0)) for p in (ps[2 * i], ps[2 * i + 1]))
                 total_skipped += skipped
                 pairs.append({

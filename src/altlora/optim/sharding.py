@@ -1,0 +1,114 @@
+"""How a LoRA factor that may be an FSDP2 ``DTensor`` is seen by the rank-first math.
+
+In rank-first form (``A`` as (r, d), ``B`` as ``B^T`` (r, k)) every update in this package is
+*column-local*: column j of the new factor depends only on column j of the gradient and
+moments plus r x r matrices (Grams, basis changes). So:
+
+* a factor sharded along its columns (FSDP2's ``Shard(0)`` of ``B``: the k rows of B) is
+  updated on its local shard; the r x r Grams and basis changes built from it are
+  all-reduced (``B^T B = sum_ranks B_loc^T B_loc``), and so are the per-pair skip flags;
+* a factor sharded along the rank dimension (``Shard(0)`` of ``A``) mixes rows in the solve,
+  so it is gathered (r x d: small), updated identically on every rank, and its local rows
+  are written back.
+
+The result is exactly the single-process update; the only communication beyond FSDP's own is
+the r x r all-reduces and the gather of ``A`` and its gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..pairing import as_matrix
+
+try:
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+except ImportError:  # pragma: no cover - very old torch
+    DTensor = None
+
+
+def is_dtensor(t: torch.Tensor) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def r_first(t: torch.Tensor, factor: str) -> torch.Tensor:
+    """View a (local) factor with the rank dimension first: A -> (r, d), B -> B^T (r, k)."""
+    m = as_matrix(t)
+    return m if factor == "A" else m.mT
+
+
+@dataclass(frozen=True)
+class Layout:
+    """``gathered``: rank dim sharded, full tensor used; ``group``: process group to all-reduce
+    over because the local columns are a shard (None when columns are complete)."""
+
+    gathered: bool = False
+    group: object | None = None
+
+
+_LOCAL = Layout()
+
+
+def layout_of(t: torch.Tensor, factor: str) -> Layout:
+    if not is_dtensor(t):
+        return _LOCAL
+    rank_dim = 0 if factor == "A" else 1
+    sharded_cols = None
+    for mesh_dim, placement in enumerate(t.placements):
+        if isinstance(placement, Replicate):
+            continue
+        if not isinstance(placement, Shard):
+            raise NotImplementedError(
+                f"LoRA factor with placement {placement} is not supported; expected Shard or Replicate "
+                "(FSDP2 fully_shard gives Shard(0))."
+            )
+        if placement.dim == rank_dim:
+            return Layout(gathered=True)
+        if sharded_cols is not None:
+            raise NotImplementedError("a LoRA factor sharded over two mesh dimensions is not supported")
+        sharded_cols = t.device_mesh.get_group(mesh_dim)
+    return Layout(group=sharded_cols)
+
+
+def local_r_first(t: torch.Tensor, factor: str, layout: Layout) -> torch.Tensor:
+    """The part of ``t`` this rank computes with, rank-first."""
+    if not is_dtensor(t):
+        return r_first(t, factor)
+    return r_first(t.full_tensor() if layout.gathered else t.to_local(), factor)
+
+
+def write_r_first(t: torch.Tensor, factor: str, layout: Layout, values: list[torch.Tensor]) -> None:
+    """Write rank-first ``values`` (one per tensor in ``t``) back into the factors."""
+    if not t or not is_dtensor(t[0]):
+        torch._foreach_copy_([r_first(p, factor) for p in t], values)
+        return
+    for p, v in zip(t, values):
+        natural = (v if factor == "A" else v.mT).reshape(p.shape) if layout.gathered else None
+        if natural is not None:  # keep only this rank's rows
+            v_local = distribute_tensor(natural.contiguous(), p.device_mesh, p.placements,
+                                        src_data_rank=None).to_local()
+            p.to_local().copy_(v_local)
+        else:
+            r_first(p.to_local(), factor).copy_(v)
+
+
+def all_reduce_sum(x: torch.Tensor, layout: Layout) -> torch.Tensor:
+    if layout.group is not None:
+        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=layout.group)
+    return x
+
+
+def all_reduce_and(flags: torch.Tensor, layout: Layout) -> torch.Tensor:
+    if layout.group is None:
+        return flags
+    as_int = flags.to(torch.int32)
+    dist.all_reduce(as_int, op=dist.ReduceOp.MIN, group=layout.group)
+    return as_int.bool()
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor (gathers a DTensor); for diagnostics only."""
+    return t.full_tensor() if is_dtensor(t) else t
