@@ -7,14 +7,15 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .optim import AltLoRA, AltLoRAPlus
+from .optim import (AdaLoRAAdamW, AltLoRA, AltLoRAPlus, LoRAPlus, LoRAPro, LoRAProSGD, LoRARite,
+                    ScaledAdamW, ScaledGD)
 from .optim.paired import closest
 
 __all__ = ["OPTIMIZERS", "create_optimizer", "register_optimizer"]
 
 
-def _lora_adamw(model: nn.Module, lr: float, **kwargs: Any) -> torch.optim.Optimizer:
-    """Plain LoRA: torch AdamW on every trainable tensor."""
+def _lora_adamw(model: nn.Module, lr: float = 1e-3, **kwargs: Any) -> torch.optim.Optimizer:
+    """Plain LoRA (or full fine-tuning on an unadapted model): torch AdamW on every trainable tensor."""
     kwargs.setdefault("weight_decay", 0.0)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -27,6 +28,14 @@ OPTIMIZERS: dict[str, tuple[Callable[..., torch.optim.Optimizer], str]] = {
     "altlora": (AltLoRA, "AltLoRA (Algorithm 1): alternating projected gradients with projected momentum"),
     "altlora_plus": (AltLoRAPlus, "AltLoRA+ (Algorithm 2): AltLoRA plus an unprojected second moment"),
     "lora": (_lora_adamw, "LoRA: AdamW on the LoRA factors and other trainable tensors"),
+    "adamw": (_lora_adamw, "AdamW on every trainable tensor (full fine-tuning on an unadapted model)"),
+    "lora_plus": (LoRAPlus, "LoRA+: AdamW with lr for A and ratio * lr for B (weight decay honoured)"),
+    "scaled_gd": (ScaledGD, "ScaledGD: r x r Riemannian-preconditioned gradient descent on A and B"),
+    "scaled_adamw": (ScaledAdamW, "Scaled AdamW: AdamW on Riemannian-preconditioned LoRA gradients"),
+    "lora_rite": (LoRARite, "LoRA-RITE: transformation-invariant adaptive moments in the factors' bases"),
+    "lora_pro": (LoRAPro, "LoRA-Pro (AdamW): Adam on the k x d equivalent gradient, Sylvester-optimal X"),
+    "lora_pro_sgd": (LoRAProSGD, "LoRA-Pro (SGD): tangent-space-projected full gradient step"),
+    "adalora": (AdaLoRAAdamW, "AdaLoRA: AdamW plus PEFT's rank allocator after every step"),
 }
 
 

@@ -1,0 +1,48 @@
+"""AdaLoRA's optimizer: torch AdamW followed by PEFT's rank allocator after every step.
+
+AdaLoRA (``peft.AdaLoraConfig``) parametrises ``W = W0 + s P diag(E) Q`` and prunes the
+singular values ``E`` by importance; PEFT requires ``model.base_model.update_and_allocate(t)``
+after ``optimizer.step()`` and before ``zero_grad()`` at every step, which training loops
+forget. :class:`AdaLoRAAdamW` makes that call itself, with the step index kept in
+``param_groups[0]["allocator_step"]`` so it survives ``state_dict`` round trips. (The
+allocator's importance EMAs live in the PEFT model, not in the optimizer state.)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["AdaLoRAAdamW", "find_allocator"]
+
+
+def find_allocator(model: nn.Module):
+    """The object that owns ``update_and_allocate`` (PEFT's ``AdaLoraModel``), or raise."""
+    for candidate in (model, getattr(model, "base_model", None)):
+        if candidate is not None and callable(getattr(candidate, "update_and_allocate", None)):
+            return candidate
+    raise ValueError(
+        f"{type(model).__name__} is not an AdaLoRA model (no update_and_allocate): adapt it with "
+        "methods.get('adalora').adapt(model, total_steps=...) or peft.get_peft_model(model, AdaLoraConfig(...))."
+    )
+
+
+class AdaLoRAAdamW(torch.optim.AdamW):
+    """``torch.optim.AdamW`` on the trainable tensors of an AdaLoRA model + the allocator call."""
+
+    def __init__(self, model: nn.Module, lr: float = 1e-3, **kwargs: Any) -> None:
+        self._allocator = find_allocator(model)
+        kwargs.setdefault("weight_decay", 0.0)
+        params = [p for p in model.parameters() if p.requires_grad]
+        super().__init__(params, lr=lr, **kwargs)
+        self.param_groups[0].setdefault("allocator_step", 0)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = super().step(closure)
+        group = self.param_groups[0]
+        self._allocator.update_and_allocate(group["allocator_step"])  # reads .grad: before zero_grad
+        group["allocator_step"] += 1
+        return loss

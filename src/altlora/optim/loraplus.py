@@ -1,0 +1,83 @@
+"""LoRA+ (Hayou, Ghosh, Yu, ICML 2024): AdamW with a larger learning rate for B.
+
+With ``W = W0 + s B A``, ``A`` (r, d) the input factor and ``B`` (k, r) the output factor (the
+zero-initialised one under PEFT), every tensor follows AdamW:
+
+    p <- p (1 - eta_p wd);  m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2
+    p <- p - eta_p (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+
+with ``eta_A = lr`` and ``eta_B = ratio * lr`` (``ratio`` = ``loraplus_lr_ratio``, default 16).
+Pairs come from the model's structure (not from ``"lora_B" in name``). Other trainable tensors
+use ``aux_lr`` (default ``lr``), and, as PEFT's ``create_loraplus_optimizer`` does,
+1-D ones (biases, DoRA magnitudes) use ``ratio * aux_lr`` unless ``ratio_on_vectors=False``.
+
+``lr_embedding`` (PEFT's ``loraplus_lr_embedding``, 1e-6 there) gives both factors of LoRA
+pairs on ``nn.Embedding`` layers their own rate; by default they follow the A/B rule.
+
+Unlike PEFT's factory, ``weight_decay`` is honoured (PEFT overrides it with
+``loraplus_weight_decay``, default 0, so ``weight_decay=0.01`` silently becomes 0 there).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .paired import PairedOptimizer, _check_betas, _check_range
+
+__all__ = ["LoRAPlus"]
+
+
+class LoRAPlus(PairedOptimizer):
+    r"""LoRA+: AdamW with learning rate ``lr`` for A and ``ratio * lr`` for B.
+
+    Args:
+        params: an ``nn.Module`` or parameters / groups with ``model=`` or ``pairs=``.
+        lr: learning rate of A (read from ``group["lr"]`` each step, so schedulers work).
+        ratio: ``eta_B / eta_A`` (LoRA+'s lambda; 16 is the common default, >= 1 advised).
+        betas, eps: Adam coefficients.
+        weight_decay: decoupled weight decay on A and B (also the default ``aux_weight_decay``).
+        ratio_on_vectors: give 1-D non-LoRA tensors ``ratio * aux_lr`` (PEFT's rule).
+        lr_embedding: learning rate of both factors of Embedding LoRA pairs (scaled by the
+            scheduler like ``lr``); ``None`` = the A/B rule.
+        aux_lr, aux_weight_decay, ...: see :class:`~altlora.optim.paired.PairedOptimizer`.
+    """
+
+    def __init__(self, params: Any = None, lr: float = 1e-4, *, ratio: float = 16.0,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, ratio_on_vectors: bool = True,
+                 lr_embedding: float | None = None, aux_weight_decay: float | None = None,
+                 **kwargs: Any) -> None:
+        _check_range("ratio", ratio, 0.0, None)
+        _check_betas("betas", betas)
+        _check_range("eps", eps, 0.0, None)
+        _check_range("weight_decay", weight_decay, 0.0, None)
+        if lr_embedding is not None:
+            _check_range("lr_embedding", lr_embedding, 0.0, None)
+        self.ratio_on_vectors = bool(ratio_on_vectors)
+        super().__init__(
+            params, dict(lr=lr, ratio=float(ratio), betas=tuple(betas), eps=eps, weight_decay=weight_decay),
+            aux_betas=tuple(betas), aux_eps=eps,
+            aux_weight_decay=weight_decay if aux_weight_decay is None else aux_weight_decay, **kwargs)
+        for group, pairs in zip(self.param_groups, self._sources):
+            if pairs is not None:  # plain metadata, saved with the group
+                group["embedding_pairs"] = [pr.kind == "embedding" for pr in pairs]
+                group["embedding_lr_ratio"] = None if lr_embedding is None else lr_embedding / lr if lr else 0.0
+
+    def _lora_step(self, group: dict) -> None:
+        ps, lr = group["params"], group["lr"]  # [A1, B1, A2, B2, ...]
+        emb = group.get("embedding_pairs") or [False] * (len(ps) // 2)
+        special = group.get("embedding_lr_ratio") is not None
+        for factor, factor_lr in ((0, lr), (1, lr * group["ratio"])):
+            self._aux_step({**group, "lr": factor_lr,
+                            "params": [p for p, e in zip(ps[factor::2], emb) if not (special and e)]})
+        if special:
+            self._aux_step({**group, "lr": lr * group["embedding_lr_ratio"],
+                            "params": [p for i, p in enumerate(ps) if emb[i // 2]]})
+
+    def _aux_step(self, group: dict) -> None:
+        if group.get("lora") or not self.ratio_on_vectors:
+            return super()._aux_step(group)
+        ps = group["params"]
+        super()._aux_step({**group, "params": [p for p in ps if p.dim() != 1]})
+        super()._aux_step({**group, "params": [p for p in ps if p.dim() == 1],
+                           "lr": group["lr"] * group["ratio"]})
