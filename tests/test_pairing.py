@@ -326,9 +326,9 @@ def test_conv2d_factor_flattened_to_matrix():
 
     opt = AltLoRA(model, lr=1e-2, first="B")
     train(model, loss_fn, opt, steps=2)
-    # Optimizer state lives in the rank-first matrix form: A -> (r, in*kh*kw), B -> B^T (r, out).
+    # Optimizer state lives in the factors' matrix form: A -> (r, in*kh*kw), B -> (out, r).
     assert tuple(opt.state[pair.A]["exp_avg"].shape) == (2, 27)
-    assert tuple(opt.state[pair.B]["exp_avg"].shape) == (2, 8)
+    assert tuple(opt.state[pair.B]["exp_avg"].shape) == (8, 2)
     assert tuple(pair.A.shape) == (2, 3, 3, 3), "the stored factor keeps its conv shape"
 
 

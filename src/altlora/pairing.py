@@ -64,7 +64,7 @@ class LoRAPair:
 
 def as_matrix(t: torch.Tensor) -> torch.Tensor:
     """View a stored factor as a matrix with its first dimension kept: (r, in*kh*kw) or (k, r)."""
-    return t.reshape(t.shape[0], -1)
+    return t if t.dim() == 2 else t.reshape(t.shape[0], -1)
 
 
 def validate_pair_shapes(A: torch.Tensor, B: torch.Tensor, where: str) -> None:
