@@ -102,11 +102,10 @@ def altlora_factor_update(
     L, info = torch.linalg.cholesky_ex(gram + ridge * eye)
     carry = (beta1 * torch.cholesky_solve(cross, L)).unbind(0)           # Thm 2 / Cor. 2
     scale = inv_s2 * torch.cholesky_solve(eye.expand(n, r, r), L)        # Thm 1 / Cor. 1
-    base = torch._foreach_mul(xs, 1.0 - lr * weight_decay) if weight_decay else xs
     if exp_avg_sqs is None:   # Algorithm 1: M = K^-1 (b1 C M + (1-b1) g / s^2)
         m_new = [_left_mul(c, m, add=_left_mul(q, g))
                  for c, q, g, m in zip(carry, ((1 - beta1) * scale).unbind(0), grads, exp_avgs)]
-        x_new = list(torch._foreach_add(base, m_new, alpha=-lr / bc1))
+        x_new = list(torch._foreach_add(xs, m_new, alpha=-lr / bc1))
         v_new, checked = None, x_new
     else:                     # Algorithm 2: the scaled gradient also feeds the second moment
         g_scaled = [_left_mul(q, g) for q, g in zip(scale.unbind(0), grads)]
@@ -117,8 +116,10 @@ def altlora_factor_update(
         if bc2 != 1.0:
             torch._foreach_div_(denom, math.sqrt(bc2))
         torch._foreach_add_(denom, eps)
-        x_new = list(torch._foreach_addcdiv(base, m_new, denom, value=-lr / bc1))
+        x_new = list(torch._foreach_addcdiv(xs, m_new, denom, value=-lr / bc1))
         checked = x_new + g_scaled   # V overflows exactly when the squared scaled gradient does
+    if weight_decay:                 # X <- X - lr (direction + wd X)
+        torch._foreach_add_(x_new, xs, alpha=-lr * weight_decay)
     # A non-finite gradient always reaches X_new (K^-1 has a positive diagonal). The 2-norm also
     # flags entries whose square overflows: such a factor would break the next step's Gram.
     finite = torch.stack(torch._foreach_norm(checked)).isfinite().view(-1, n).all(0)
@@ -277,9 +278,10 @@ class _AltLoRABase(PairedOptimizer):
 
         def apply() -> None:
             write_r_first(params, factor, x_lay, X_new)
-            torch._foreach_copy_(M, M_new)
-            if V_new is not None:
-                torch._foreach_copy_(V, V_new)
+            for s, m in zip(x_states, M_new):  # new tensors: adopt them, no copy
+                s["exp_avg"] = r_first(m, factor)
+            for s, v in zip(x_states, V_new or ()):
+                s["exp_avg_sq"] = r_first(v, factor)
             if cross_out is not None:
                 torch._foreach_copy_([s["basis_cross"] for s in x_states], list(cross_out.unbind(0)))
             if snapshots is not None:
