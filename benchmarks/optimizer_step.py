@@ -129,6 +129,9 @@ OPTIMIZERS = {
         [t for ab in pairs for t in ab], lr=LR, weight_decay=0.0, foreach=True),
     "AltLoRA": paired(altlora.AltLoRA),
     "AltLoRA+": paired(altlora.AltLoRAPlus),
+    # the stacked (n, r, m) path, default on CUDA; on CPU the per-pair path above is the default
+    "AltLoRA[batched]": paired(altlora.AltLoRA, batched=True),
+    "AltLoRA+[batched]": paired(altlora.AltLoRAPlus, batched=True),
     "LoRA+": paired(altlora.LoRAPlus),
     "ScaledGD": paired(altlora.ScaledGD),
     "ScaledAdamW": paired(altlora.ScaledAdamW),
@@ -142,6 +145,7 @@ FULL_SIZE_STATE = {"LoRA-Pro": lambda k, d: 2 * 4 * k * d}
 METHODS_OF = {
     BASELINE: ["lora", "pissa", "rslora", "dora", "lora_ga", "adalora (+ allocator)", "full"],
     "AltLoRA": ["altlora"], "AltLoRA+": ["altlora_plus"], "LoRA+": ["lora_plus"],
+    "AltLoRA[batched]": ["altlora (batched=True)"], "AltLoRA+[batched]": ["altlora_plus (batched=True)"],
     "ScaledGD": ["scaled_gd"], "ScaledAdamW": ["scaled_adamw"], "LoRA-RITE": ["lora_rite"],
     "LoRA-Pro": ["lora_pro"], "LoRA-Pro-SGD": ["lora_pro_sgd"],
 }

@@ -28,6 +28,9 @@ from .sharding import all_reduce_and, all_reduce_sum, layout_of, local_r_first, 
 __all__ = ["AltLoRA", "AltLoRAPlus", "altlora_factor_update"]
 
 _OTHER = {"A": "B", "B": "A"}
+# batched=None on CPU: stack factors smaller than this (per-call overhead dominates there);
+# larger ones go per pair (stacking copies cost more). Measured by benchmarks/optimizer_step.py.
+_BATCH_BELOW = 16384
 _CONVENTIONS = {
     # paper: Algorithms 1-2 as printed (1/s^2 scaled gradients, no bias correction)
     "paper": dict(divide_by_scaling_sq=True, bias_correction="none"),
@@ -41,6 +44,13 @@ def _as(t: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dt else t.to(dt)
 
 
+def _mm(a: torch.Tensor, b: torch.Tensor, add: torch.Tensor | None = None, beta: float = 1.0) -> torch.Tensor:
+    """``beta * add + a @ b`` for matrices, or batches of them (the ``batched`` path)."""
+    if a.dim() == 2:
+        return torch.mm(a, b) if add is None else torch.addmm(add, a, b, beta=beta)
+    return torch.bmm(a, b) if add is None else torch.baddbmm(add, a, b, beta=beta)
+
+
 def _left_mul(c: torch.Tensor, x: torch.Tensor, add: torch.Tensor | None = None,
               beta: float = 1.0) -> torch.Tensor:
     """``beta * add + c @ x`` for an (r, r) ``c`` and an (r, m) ``x``, laid out in memory like ``x``.
@@ -49,9 +59,20 @@ def _left_mul(c: torch.Tensor, x: torch.Tensor, add: torch.Tensor | None = None,
     tensor of a factor in one layout, so the elementwise ops that follow stay on the fast path.
     """
     if x.stride(-1) == 1:
-        return torch.mm(c, x) if add is None else torch.addmm(add, c, x, beta=beta)
-    t = torch.mm(x.mT, c.mT) if add is None else torch.addmm(add.mT, x.mT, c.mT, beta=beta)
-    return t.mT
+        return _mm(c, x, add, beta)
+    return _mm(x.mT, c.mT, None if add is None else add.mT, beta).mT
+
+
+def pair_products(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> torch.Tensor:
+    """``x_i y_i^T`` for every pair, stacked (n, r, r); ``xs`` is n (r, m) tensors or one (n, r, m)."""
+    if xs[0].dim() == 3:
+        return torch.bmm(xs[0], ys[0].mT)
+    return torch.stack([torch.mm(x, y.mT) for x, y in zip(xs, ys)])
+
+
+def _per_pair(t: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Split stacked r x r operators to match ``like`` (n tensors, or one stacked tensor)."""
+    return [t] if like[0].dim() == 3 else list(t.unbind(0))
 
 
 def altlora_factor_update(
@@ -77,7 +98,8 @@ def altlora_factor_update(
     functional ``adamw``: lists in, new lists out).
 
     Args:
-        xs: active factors, rank-first, each (r, m) (m may be a column shard).
+        xs: active factors, rank-first, each (r, m) (m may be a column shard), or a single
+            stacked (n, r, m) tensor (the batched path; the other lists likewise).
         grads: their LoRA gradients, same shapes.
         exp_avgs: stored first moments M, in the ``Y_prev`` basis.
         exp_avg_sqs: second moments V for AltLoRA+, or None for AltLoRA.
@@ -100,15 +122,15 @@ def altlora_factor_update(
     n, r = gram.shape[0], gram.shape[-1]
     eye = torch.eye(r, dtype=gram.dtype, device=gram.device)
     L, info = torch.linalg.cholesky_ex(gram + ridge * eye)
-    carry = (beta1 * torch.cholesky_solve(cross, L)).unbind(0)           # Thm 2 / Cor. 2
-    scale = inv_s2 * torch.cholesky_solve(eye.expand(n, r, r), L)        # Thm 1 / Cor. 1
+    carry = _per_pair(beta1 * torch.cholesky_solve(cross, L), xs)         # Thm 2 / Cor. 2
+    scale = inv_s2 * torch.cholesky_solve(eye.expand(n, r, r), L)          # Thm 1 / Cor. 1
     if exp_avg_sqs is None:   # Algorithm 1: M = K^-1 (b1 C M + (1-b1) g / s^2)
         m_new = [_left_mul(c, m, add=_left_mul(q, g))
-                 for c, q, g, m in zip(carry, ((1 - beta1) * scale).unbind(0), grads, exp_avgs)]
+                 for c, q, g, m in zip(carry, _per_pair((1 - beta1) * scale, xs), grads, exp_avgs)]
         x_new = list(torch._foreach_add(xs, m_new, alpha=-lr / bc1))
         v_new, checked = None, x_new
     else:                     # Algorithm 2: the scaled gradient also feeds the second moment
-        g_scaled = [_left_mul(q, g) for q, g in zip(scale.unbind(0), grads)]
+        g_scaled = [_left_mul(q, g) for q, g in zip(_per_pair(scale, xs), grads)]
         m_new = [_left_mul(c, m, add=gs, beta=1 - beta1) for gs, c, m in zip(g_scaled, carry, exp_avgs)]
         v_new = list(torch._foreach_mul(exp_avg_sqs, beta2))
         torch._foreach_addcmul_(v_new, g_scaled, g_scaled, value=1 - beta2)
@@ -122,11 +144,17 @@ def altlora_factor_update(
         torch._foreach_add_(x_new, xs, alpha=-lr * weight_decay)
     # A non-finite gradient always reaches X_new (K^-1 has a positive diagonal). The 2-norm also
     # flags entries whose square overflows: such a factor would break the next step's Gram.
-    finite = torch.stack(torch._foreach_norm(checked)).isfinite().view(-1, n).all(0)
-    ok = (info == 0) & finite
+    norms = (torch.stack(torch._foreach_norm(checked)) if xs[0].dim() == 2
+             else torch.cat([torch.linalg.vector_norm(t, dim=(1, 2)) for t in checked]))
+    ok = (info == 0) & norms.isfinite().view(-1, n).all(0)
     if sync_ok is not None:
         ok = sync_ok(ok)
-    if not bool(ok.all()):
+    if not bool(ok.all()) and xs[0].dim() == 3:
+        keep = ok[:, None, None]
+        x_new, m_new = [torch.where(keep, x_new[0], xs[0])], [torch.where(keep, m_new[0], exp_avgs[0])]
+        if v_new is not None:
+            v_new = [torch.where(keep, v_new[0], exp_avg_sqs[0])]
+    elif not bool(ok.all()):
         for i in (~ok).nonzero().flatten().tolist():
             x_new[i], m_new[i] = xs[i], exp_avgs[i]
             if v_new is not None:
@@ -142,11 +170,13 @@ class _AltLoRABase(PairedOptimizer):
     def __init__(self, params: Any, lora_options: dict, *, switch_every: int, first: str,
                  mode: str, convention: str, divide_by_scaling_sq: bool | None,
                  bias_correction: str | bool | None, weight_decay: float, ridge: float,
-                 **kwargs: Any) -> None:
+                 batched: bool | None, **kwargs: Any) -> None:
         if not isinstance(switch_every, int) or switch_every < 1:
             raise ValueError(f"switch_every must be an integer >= 1, got {switch_every!r}")
         if first not in ("A", "B"):
             raise ValueError(f"first must be 'A' or 'B', got {first!r}")
+        if batched not in (None, True, False):
+            raise ValueError(f"batched must be None (automatic), True or False, got {batched!r}")
         if mode not in ("alternating", "joint"):
             raise ValueError(f"mode must be 'alternating' or 'joint', got {mode!r}")
         if convention not in _CONVENTIONS:
@@ -164,7 +194,7 @@ class _AltLoRABase(PairedOptimizer):
         lora_options.update(
             weight_decay=weight_decay, ridge=ridge, switch_every=switch_every, first=first,
             mode=mode, divide_by_scaling_sq=bool(divide_by_scaling_sq),
-            bias_correction=bias_correction,
+            bias_correction=bias_correction, batched=batched,
         )
         super().__init__(params, lora_options, **kwargs)
 
@@ -236,12 +266,18 @@ class _AltLoRABase(PairedOptimizer):
         Y = [_as(local_r_first(q, other, y_lay), dt) for q in others]
         x_states = [self._state(p, X[0], factor) for p in params]
         y_states = [self._state(q, Y[0], other) for q in others]
-        gram = all_reduce_sum(torch.stack([torch.mm(y, y.mT) for y in Y]), y_lay)
+        M = [r_first(s["exp_avg"], factor) for s in x_states]
+        V = [r_first(s["exp_avg_sq"], factor) for s in x_states] if self._second_moment else None
+        batched = group.get("batched")
+        if batched is None:
+            batched = X[0].device.type == "cuda" or X[0].numel() < _BATCH_BELOW
+        if batched:  # one (n, r, m) tensor each: a few large kernels instead of n small ones
+            X, G, Y, M = ([torch.stack(ts)] for ts in (X, G, Y, M))
+            V = [torch.stack(V)] if V is not None else None
+        gram = all_reduce_sum(pair_products(Y, Y), y_lay)
         # At a phase's first step the other factor has moved since this factor's last update:
         # use the stored basis change; otherwise Y_prev = Y and the change is the Gram itself.
         cross = torch.stack([s["basis_cross"] for s in y_states]) if phase_first else gram
-        M = [r_first(s["exp_avg"], factor) for s in x_states]
-        V = [r_first(s["exp_avg_sq"], factor) for s in x_states] if self._second_moment else None
 
         if group["divide_by_scaling_sq"]:
             inv_s2 = torch.tensor([1.0 / s**2 for s in bucket.scaling], dtype=dt, device=gram.device)
@@ -271,17 +307,24 @@ class _AltLoRABase(PairedOptimizer):
         cross_out = snapshots = None
         if phase_last:
             starts = [s.pop("phase_start", None) for s in x_states]
-            starts = X if any(s is None for s in starts) else starts
-            cross_out = all_reduce_sum(torch.stack([torch.mm(xn, x0.mT) for xn, x0 in zip(X_new, starts)]), x_lay)
+            if any(s is None for s in starts):
+                starts = X
+            elif batched:
+                starts = [torch.stack(starts)]
+            cross_out = all_reduce_sum(pair_products(X_new, starts), x_lay)
         elif phase_first:
-            snapshots = [x.clone() for x in X]
+            snapshots = [x.clone() for x in (X[0].unbind(0) if batched else X)]
+        if batched:
+            X_new, M_new = list(X_new[0].unbind(0)), list(M_new[0].unbind(0))
+            V_new = list(V_new[0].unbind(0)) if V_new is not None else None
 
         def apply() -> None:
             write_r_first(params, factor, x_lay, X_new)
-            for s, m in zip(x_states, M_new):  # new tensors: adopt them, no copy
-                s["exp_avg"] = r_first(m, factor)
+            # adopt the new moment tensors (no copy) in the factor's own layout
+            for s, m in zip(x_states, M_new):
+                s["exp_avg"] = r_first(m, factor).contiguous()
             for s, v in zip(x_states, V_new or ()):
-                s["exp_avg_sq"] = r_first(v, factor)
+                s["exp_avg_sq"] = r_first(v, factor).contiguous()
             if cross_out is not None:
                 torch._foreach_copy_([s["basis_cross"] for s in x_states], list(cross_out.unbind(0)))
             if snapshots is not None:
@@ -317,6 +360,11 @@ class AltLoRA(_AltLoRABase):
             correction, as the authors' code; use it to reuse their learning rates).
         divide_by_scaling_sq, bias_correction: override the convention's choices;
             ``bias_correction`` is ``"none"``, ``"first"`` or ``"both"``.
+        batched: stack equal-shape pairs into (n, r, m) tensors and use batched matmuls
+            (``True``), or one matmul per pair without stacking copies (``False``). ``None``
+            picks batched on CUDA, where kernel launches dominate, and on CPU for factors of
+            under 16K entries; larger CPU factors go per pair, where the stacking copies cost
+            more than they save (``benchmarks/optimizer_step.py``).
         model, pairs: where the LoRA pairs come from (``pairs`` accepts ``LoRAPair`` or
             ``(A, B, scaling[, name])`` tuples for non-PEFT models).
         aux_lr, aux_betas, aux_eps, aux_weight_decay: AdamW options for non-LoRA tensors.
@@ -328,13 +376,14 @@ class AltLoRA(_AltLoRABase):
                  weight_decay: float = 0.0, ridge: float = 1e-6, switch_every: int = 1,
                  first: str = "A", mode: str = "alternating", convention: str = "paper",
                  divide_by_scaling_sq: bool | None = None,
-                 bias_correction: str | bool | None = None, **kwargs: Any) -> None:
+                 bias_correction: str | bool | None = None, batched: bool | None = None,
+                 **kwargs: Any) -> None:
         _check_range("beta1", beta1, 0.0, 1.0)
         super().__init__(params, dict(lr=lr, beta1=beta1), switch_every=switch_every,
                          first=first, mode=mode, convention=convention,
                          divide_by_scaling_sq=divide_by_scaling_sq,
                          bias_correction=bias_correction, weight_decay=weight_decay,
-                         ridge=ridge, **kwargs)
+                         ridge=ridge, batched=batched, **kwargs)
 
     def _moments(self, group: dict) -> tuple[float, float, float]:
         return group["beta1"], 0.0, 0.0
@@ -355,14 +404,15 @@ class AltLoRAPlus(_AltLoRABase):
                  eps: float = 1e-8, weight_decay: float = 0.0, ridge: float = 1e-6,
                  switch_every: int = 1, first: str = "A", mode: str = "alternating",
                  convention: str = "paper", divide_by_scaling_sq: bool | None = None,
-                 bias_correction: str | bool | None = None, **kwargs: Any) -> None:
+                 bias_correction: str | bool | None = None, batched: bool | None = None,
+                 **kwargs: Any) -> None:
         _check_betas("betas", betas)
         _check_range("eps", eps, 0.0, None)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps),
                          switch_every=switch_every, first=first, mode=mode,
                          convention=convention, divide_by_scaling_sq=divide_by_scaling_sq,
                          bias_correction=bias_correction, weight_decay=weight_decay,
-                         ridge=ridge, **kwargs)
+                         ridge=ridge, batched=batched, **kwargs)
 
     def _moments(self, group: dict) -> tuple[float, float, float]:
         beta1, beta2 = group["betas"]
