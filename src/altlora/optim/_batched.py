@@ -4,7 +4,10 @@ All functions work on a *bucket* of equal-shape pairs stacked along dim 0 (``n``
 step is a handful of batched kernels whatever the number of pairs:
 
 * ``stack_factor`` / ``stack_grad`` / ``write_factor``: rank-first views in and out
-  (``A -> (r, d)``, ``B -> B^T (r, k)``, see :func:`~altlora.optim.paired.r_first`);
+  (``A -> (r, d)``, ``B -> B^T (r, k)``, see :func:`~altlora.optim.paired.r_first`). FSDP2
+  factors (``DTensor`` shards) are gathered whole, every rank computes the same update, and
+  each keeps its own shard of the result: exact, at the cost of gathering A, B and their
+  gradients (small) and of keeping the optimizer state unsharded;
 * ``psd_pinv_solve``: ``G^+ R`` for symmetric PSD ``G`` through one batched ``eigh``
   (a pseudo-inverse, so an exactly zero factor -- PEFT's ``B = 0`` -- gives 0, not inf);
 * ``sylvester_psd``: ``Gb X + X Ga = C`` for symmetric PSD ``Gb``, ``Ga`` through their
@@ -21,7 +24,9 @@ from typing import Sequence
 import torch
 
 from .paired import r_first
-from .sharding import is_dtensor
+from .sharding import Layout, local_r_first, write_r_first
+
+_WHOLE = Layout(gathered=True)  # baselines mix rows and columns: always work on whole factors
 
 __all__ = [
     "stack_factor", "stack_grad", "write_factor", "sym", "eigh_psd", "pinv_from_eigh",
@@ -31,23 +36,21 @@ __all__ = [
 
 
 def stack_factor(ps: Sequence[torch.Tensor], factor: str, dt: torch.dtype) -> torch.Tensor:
-    """Rank-first stack of the factors ``ps`` (``"A"`` or ``"B"``): (n, r, m) in ``dt``."""
-    if is_dtensor(ps[0]):
-        raise NotImplementedError(
-            "this optimizer needs whole LoRA factors, but they are FSDP2-sharded DTensors; "
-            "AltLoRA / AltLoRA+ support FSDP2; run this baseline under DDP instead")
-    return torch.stack([r_first(p, factor) for p in ps]).to(dt)
+    """Rank-first stack of the (whole) factors ``ps`` (``"A"`` or ``"B"``): (n, r, m) in ``dt``."""
+    return torch.stack([local_r_first(p, factor, _WHOLE) for p in ps]).to(dt)
 
 
 def stack_grad(ps: Sequence[torch.Tensor], factor: str, dt: torch.dtype) -> torch.Tensor:
-    """Rank-first stack of the gradients of ``ps``; a missing gradient counts as zero."""
-    return torch.stack([r_first(p.grad, factor) if p.grad is not None
-                        else torch.zeros_like(r_first(p, factor)) for p in ps]).to(dt)
+    """Rank-first stack of the (whole) gradients of ``ps``; a missing gradient counts as zero."""
+    return torch.stack([local_r_first(p.grad, factor, _WHOLE) if p.grad is not None
+                        else torch.zeros(r_first(p, factor).shape, dtype=dt, device=p.device)
+                        for p in ps]).to(dt)
 
 
 def write_factor(ps: Sequence[torch.Tensor], factor: str, new: torch.Tensor) -> None:
-    """Copy the rank-first stack ``new`` back into the parameters (casting to their dtype)."""
-    torch._foreach_copy_([r_first(p, factor) for p in ps], list(new.unbind(0)))
+    """Copy the rank-first stack ``new`` back into the parameters (casting to their dtype; an
+    FSDP2 shard takes its own rows)."""
+    write_r_first(ps, factor, _WHOLE, list(new.unbind(0)))
 
 
 def sym(m: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .sharding import is_dtensor
+
 __all__ = ["AdaLoRAAdamW", "find_allocator"]
 
 
@@ -36,6 +38,10 @@ class AdaLoRAAdamW(torch.optim.AdamW):
         self._allocator = find_allocator(model)
         kwargs.setdefault("weight_decay", 0.0)
         params = [p for p in model.parameters() if p.requires_grad]
+        if any(is_dtensor(p) for p in params):
+            raise NotImplementedError(
+                "AdaLoRA's rank allocator (peft update_and_allocate) does not support FSDP2-sharded "
+                "(DTensor) parameters; train AdaLoRA under DDP (torchrun / accelerate launch) instead.")
         super().__init__(params, lr=lr, **kwargs)
         self.param_groups[0].setdefault("allocator_step", 0)
 

@@ -11,6 +11,7 @@ preparation) and ``state_dict`` round trips keep working.
 from __future__ import annotations
 
 import difflib
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -28,6 +29,11 @@ _DEEPSPEED_MSG = (
     "cannot see the (A, B) matrices. Matrix-aware LoRA optimizers are unsupported under "
     "DeepSpeed ZeRO; use DDP (torchrun / accelerate launch) or FSDP2 (fully_shard) instead, "
     "or DeepSpeed without ZeRO partitioning of the LoRA parameters."
+)
+_NO_GRAD_MSG = (
+    "{what}.step(): no LoRA factor in the optimizer has a gradient, so none is updated. If the "
+    "model was sharded with FSDP2's fully_shard after the optimizer was built, the optimizer "
+    "holds the replaced tensors: build it after fully_shard (accelerate swaps them itself)."
 )
 
 
@@ -239,6 +245,8 @@ class PairedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if not any(p.grad is not None for g in self.param_groups if g.get("lora") for p in g["params"]):
+            warnings.warn(_NO_GRAD_MSG.format(what=type(self).__name__), stacklevel=2)
         for gi, group in enumerate(self.param_groups):
             if group.get("lora"):
                 self._check_lora_group(group)

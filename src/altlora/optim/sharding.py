@@ -42,8 +42,9 @@ def r_first(t: torch.Tensor, factor: str) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Layout:
-    """``gathered``: rank dim sharded, full tensor used; ``group``: process group to all-reduce
-    over because the local columns are a shard (None when columns are complete)."""
+    """``gathered``: the full tensor is used (its rank dim is sharded, or the caller needs whole
+    factors, as the baselines in ``_batched`` do); ``group``: process group to all-reduce over
+    because the local columns are a shard (None when columns are complete)."""
 
     gathered: bool = False
     group: object | None = None

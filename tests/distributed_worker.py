@@ -1,0 +1,192 @@
+"""Worker for ``tests/test_distributed.py``: trains tiny PEFT Llamas under DDP or FSDP2 (gloo, CPU).
+
+Run by ``python -m torch.distributed.run --nproc_per_node 2 tests/distributed_worker.py OUT``; both
+engines share one launch (starting the workers costs more than all the training). Every rank writes
+``OUT/rank<R>.pt``: ``{"ddp": ..., "fsdp2": ...}`` with, for each case, the whole (gathered)
+trainable tensors after :data:`STEPS` steps, plus each engine's extra checks.
+The single-process references are computed by the test itself with :func:`train` (``world=1``,
+the whole global batch), so the two sides share only the model, data and schedule.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+import torch
+import torch.distributed as dist
+
+import altlora
+from altlora import methods
+from altlora.optim.sharding import full
+from tiny_models import tiny_llama, token_batch
+
+STEPS = 10
+GLOBAL_BATCH = 4  # split evenly across ranks
+RESUME_AT = 4     # mid-phase for switch_every=3
+
+# One adapted layer has rank 1, so under FSDP2 one rank holds an empty shard of its A.
+LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+            rank_pattern={"down_proj": 1}, modules_to_save=["lm_head"])  # lm_head: aux AdamW group
+ADALORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+
+# label -> (registered optimizer, lr, hyperparameters)
+ALTLORA = {
+    "altlora": ("altlora", 1e-2, {}),
+    "altlora_b_first": ("altlora", 1e-2, dict(first="B")),
+    "altlora_joint": ("altlora", 1e-2, dict(mode="joint")),
+    "altlora_plus": ("altlora_plus", 1e-2, {}),
+    "altlora_plus_switch3": ("altlora_plus", 1e-2, dict(first="B", switch_every=3)),
+}
+BASELINES = {
+    "lora": ("lora", 1e-2, {}),
+    "lora_plus": ("lora_plus", 1e-3, {}),
+    "scaled_gd": ("scaled_gd", 5e-2, {}),
+    "scaled_adamw": ("scaled_adamw", 1e-2, {}),
+    "lora_rite": ("lora_rite", 1e-2, {}),
+    "lora_pro": ("lora_pro", 1e-3, {}),
+    "lora_pro_sgd": ("lora_pro_sgd", 0.5, {}),
+}
+CASES = {**ALTLORA, **BASELINES, "adalora": ("adalora", 1e-2, {})}
+ENGINE_CASES = {"ddp": list(CASES), "fsdp2": list(ALTLORA) + list(BASELINES)}
+RESUME_CASE = "altlora_plus_switch3"
+SWAPPED_CASE = "altlora_b_first"
+
+
+def build_model(label: str, seed: int = 0) -> torch.nn.Module:
+    base = tiny_llama(seed, torch.float64)
+    if CASES[label][0] == "adalora":
+        return methods.get("adalora").adapt(base, ADALORA, total_steps=STEPS)
+    return methods.get("lora").adapt(base, LORA)
+
+
+def build_optimizer(model: torch.nn.Module, label: str) -> torch.optim.Optimizer:
+    name, lr, hp = CASES[label]
+    return altlora.create_optimizer(model, name, lr=lr, **hp)
+
+
+def train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int, *, start: int = 0,
+          rank: int = 0, world: int = 1) -> None:
+    """``steps`` steps on this rank's slice of each global batch (the mean loss of equal-length rows)."""
+    per_rank = GLOBAL_BATCH // world
+    for t in range(start, start + steps):
+        x = token_batch(t, n=GLOBAL_BATCH)[rank * per_rank:(rank + 1) * per_rank]
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Whole trainable tensors by name (gathered from FSDP2 shards)."""
+    return {n: full(p).detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+# ---------------------------------------------------------------------------- DDP
+def _ddp(model: torch.nn.Module) -> torch.nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model)  # find_unused_parameters=False: every trainable needs a grad
+
+
+def run_ddp(rank: int, world: int, out: str) -> dict:
+    results = {}
+    for label in ENGINE_CASES["ddp"]:
+        model = build_model(label)
+        opt = build_optimizer(model, label)
+        train(_ddp(model), opt, STEPS, rank=rank, world=world)
+        results[label] = trainable(model)
+
+    # One checkpoint, written by rank 0 and read by every rank (DDP replicates the state).
+    results["resumed"] = resumed_run(_ddp, rank, world, os.path.join(out, "checkpoint.pt"), rank == 0)
+    return results
+
+
+def resumed_run(prepare, rank: int, world: int, path: str, writes: bool) -> dict[str, torch.Tensor]:
+    """RESUME_AT steps, a checkpoint on disk, then a model and optimizer built from another init,
+    loaded from it and trained to STEPS. ``prepare(model)`` wraps or shards, returning what to call."""
+    model = build_model(RESUME_CASE)
+    net = prepare(model)
+    opt = build_optimizer(model, RESUME_CASE)
+    train(net, opt, RESUME_AT, rank=rank, world=world)
+    if writes:
+        torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, path)
+    dist.barrier()
+    ckpt = torch.load(path, weights_only=True)
+    resumed = build_model(RESUME_CASE, seed=123)  # everything must come from the checkpoint
+    net = prepare(resumed)
+    resumed.load_state_dict(ckpt["model"])
+    opt = build_optimizer(resumed, RESUME_CASE)
+    opt.load_state_dict(ckpt["optim"])
+    train(net, opt, STEPS - RESUME_AT, start=RESUME_AT, rank=rank, world=world)
+    return trainable(resumed)
+
+
+# ---------------------------------------------------------------------------- FSDP2
+def _shard(model: torch.nn.Module, mesh) -> torch.nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.base_model.model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def run_fsdp2(rank: int, world: int, out: str) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    results = {}
+    for label in ENGINE_CASES["fsdp2"]:
+        model = build_model(label)
+        _shard(model, mesh)
+        opt = build_optimizer(model, label)  # after fully_shard
+        train(model, opt, STEPS, rank=rank, world=world)
+        results[label] = trainable(model)
+
+    # Built before fully_shard, then given the sharded tensors the way accelerate's FSDP2
+    # preparation does (param_groups[i]["params"] replaced, matched by parameter name).
+    model = build_model(SWAPPED_CASE)
+    opt = build_optimizer(model, SWAPPED_CASE)
+    names = {id(p): n for n, p in model.named_parameters()}
+    _shard(model, mesh)
+    sharded = dict(model.named_parameters())
+    for group in opt.param_groups:
+        group["params"] = [sharded[names[id(p)]] for p in group["params"]]
+    train(model, opt, STEPS, rank=rank, world=world)
+    results["swapped"] = trainable(model)
+
+    # Built before fully_shard and never told: its tensors get no gradients; step() must say so.
+    model = build_model(SWAPPED_CASE)
+    opt = build_optimizer(model, SWAPPED_CASE)
+    _shard(model, mesh)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(model, opt, 1, rank=rank, world=world)
+    results["stale_warnings"] = [str(w.message) for w in caught]
+
+    # One checkpoint per rank: the optimizer state of a sharded factor is this rank's part.
+    results["resumed"] = resumed_run(lambda m: _shard(m, mesh), rank, world,
+                                     os.path.join(out, f"fsdp2_checkpoint.rank{rank}.pt"), True)
+
+    model = build_model("adalora")
+    _shard(model, mesh)
+    try:
+        build_optimizer(model, "adalora")
+    except NotImplementedError as e:
+        results["adalora_refusal"] = str(e)
+    return results
+
+
+def main(out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        results = {"ddp": run_ddp(rank, world, out), "fsdp2": run_fsdp2(rank, world, out)}
+        torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
