@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -226,6 +227,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, set[str]]]:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models and data are local folders: never reach for a hub
+    # transformers 5 deprecates a property that PEFT still reads: nothing the user can act on
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     from .config import ALIASES
     from .optim.paired import closest
 

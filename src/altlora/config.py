@@ -49,7 +49,7 @@ class Config:
     max_train_examples: int = _f(0, "data", "use at most this many training examples (0: all)")
     max_eval_examples: int = _f(0, "data", "evaluate on at most this many examples (0: all)")
     max_length: int = _f(128, "data", "truncate sequences to this many tokens")
-    max_new_tokens: int = _f(0, "data", "generation length for exact match (0: longest training answer + 2)")
+    max_new_tokens: int = _f(0, "data", "generation length for exact match (0: longest answer + 12)")
     prompt_field: str = _f("prompt", "data", "JSONL field holding the prompt")
     completion_field: str = _f("completion", "data", "JSONL field holding the completion")
     text_field: str = _f("text", "data", "JSONL/CSV field holding the text to classify")
