@@ -417,8 +417,10 @@ def test_list(capsys):
 def test_default_job_on_real_assets_improves(tmp_path):
     """SmolLM2-135M on BIG-bench arithmetic and MiniLM on movie polarity, shortened (minutes on 2 cores)."""
     out = tmp_path / "arith"
-    assert cli.main(["train", "--output_dir", str(out), "--no_progress", "--max_steps", "40",
-                     "--max_eval_examples", "60", "--eval_every", "0", "--save_every", "0"]) == 0
+    # 40 steps are not enough: the model first learns the answer format and forgets how to
+    # restate-then-answer (exact match 0.22 -> 0.00 at step 40); the default 150 steps give 0.55
+    assert cli.main(["train", "--output_dir", str(out), "--no_progress", "--max_steps", "100",
+                     "--max_eval_examples", "100", "--eval_every", "0", "--save_every", "0"]) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["model"] == "smollm2-135m" and res["task"] == "arithmetic"
     assert res["after"]["exact_match"] > res["before"]["exact_match"] + 0.1
