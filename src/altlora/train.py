@@ -74,6 +74,7 @@ def _train(cfg: Config, d: launch.Dist, log: Callable[[str], None], progress_bar
     bf16 = torch.cuda.is_bf16_supported() if cfg.bf16 == "auto" and device.type == "cuda" else cfg.bf16 == "true"
 
     # -------------------------------------------------------------- data, model, optimizer
+    set_seed(cfg.seed)  # before the model: a new classification head is initialised on load
     model, tok = load_model(model_path, task.kind, task.labels)
     pad = tok.pad_token_id
     feats = features(task, tok, task.train, cfg.max_length)
@@ -85,7 +86,7 @@ def _train(cfg: Config, d: launch.Dist, log: Callable[[str], None], progress_bar
         return {k: v.to(device) for k, v in batch.items()}
 
     model.to(device)
-    set_seed(cfg.seed)
+    set_seed(cfg.seed)  # again: LoRA init and data order must not depend on how much the load drew
     init_batches = None
     if "init_batches" in method.requires:  # LoRA-GA estimates gradients on the first batches
         init_batches = [to_device(collate([feats[i] for i in batch_indices(k, n, bs, cfg.seed)], pad))
