@@ -1,0 +1,102 @@
+"""The quality benchmark's protocol logic: grids, lr selection, resuming and aggregation.
+
+Training is replaced by finished run folders written here, so nothing is trained and no asset
+is needed; the real runs are smoke-tested by ``benchmarks/quality.py --quick`` in CI.
+"""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("quality_benchmark", ROOT / "benchmarks" / "quality.py")
+quality = sys.modules["quality_benchmark"] = importlib.util.module_from_spec(_spec)  # dataclasses need it
+_spec.loader.exec_module(quality)
+
+
+@pytest.fixture
+def make_args(tmp_path, monkeypatch):
+    def make(*argv):
+        monkeypatch.setattr(sys, "argv", ["quality.py", "--run-root", str(tmp_path / "runs"),
+                                          "--out-dir", str(tmp_path / "out"), *argv])
+        return quality.parse_args()
+    return make
+
+
+def finish(args, variant, lr, seed, *, val, val_loss, test):
+    """Write the folder a finished ``altlora train`` run leaves behind."""
+    out = Path(quality.run_config(args, variant, lr, seed).output_dir)
+    out.mkdir(parents=True)
+    rows = [{"step": 1, "loss": 0.7}, {"step": 2, "val_loss": val_loss, "val_accuracy": val}]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (out / "results.json").write_text(json.dumps({"metric": "accuracy", "after": {"accuracy": test},
+                                                  "train_time_s": 3.0}))
+
+
+def test_grids_are_central_and_altlora_is_wider_and_higher():
+    assert quality.grid("lora", 2) == [1e-3, 3e-3]
+    assert quality.grid("lora", 3) == [3e-4, 1e-3, 3e-3]
+    assert quality.grid("lora", 2, shift=1) == [3e-3, 1e-2]
+    assert quality.grid("lora", 2, shift=9) == [3e-3, 1e-2]   # clamped to the grid's end
+    assert quality.grid("altlora", 2) == [1e-2, 1e-1, 1.0, 10.0]
+    assert quality.grid("altlora", 1) == [1.0]               # --quick: one value each
+    assert quality.grid("altlora", 5) == list(quality.GRIDS["altlora"])
+    assert min(quality.grid("altlora", 2)) > max(quality.grid("lora", 2))
+
+
+def test_gap_closed_needs_full_to_beat_lora_by_more_than_the_noise():
+    assert quality.gap(75.0, 70.0, 80.0) == pytest.approx(0.5)
+    assert quality.gap(75.0, 70.0, 80.0, noise=10.0) is None
+    assert quality.gap(75.0, 80.0, 70.0) is None
+    assert quality.gap(None, 70.0, 80.0) is None
+
+
+def test_plan_counts_grids_seeds_ablations_and_inits(make_args):
+    args = make_args("--tasks", "polarity", "--methods", "lora,altlora", "--seeds", "3", "--lr-grid-size", "2")
+    plan = quality.build_plan(args)
+    names = [v.name for v in plan]
+    assert names[:2] == ["lora", "altlora"]
+    assert {"altlora/B-first", "altlora_plus/joint", "altlora/r=32", "lora/init=spectral/zero"} <= set(names)
+    runner = quality.Runner(args, train=False, log=lambda m: None)
+    by_name = {v.name: v for v in plan}
+    assert runner.planned(by_name["lora"]) == 2 + 3 - 1        # grid, then seeds 1 and 2
+    assert runner.planned(by_name["altlora"]) == 4 + 3 - 1
+    assert runner.planned(by_name["altlora/B-first"]) == 3     # reuses altlora's lr
+    assert by_name["altlora/B-first"].settings == {"optim_args": {"first": "B"}}
+
+
+def test_selection_resume_and_aggregate(make_args, monkeypatch):
+    args = make_args("--tasks", "polarity", "--methods", "lora", "--suite", "main", "--seeds", "2",
+                     "--lr-grid-size", "2")
+    (v,) = quality.build_plan(args)
+    # a tie on validation accuracy goes to the lower validation loss
+    finish(args, v, 1e-3, 0, val=0.70, val_loss=0.50, test=0.71)
+    finish(args, v, 3e-3, 0, val=0.70, val_loss=0.40, test=0.74)
+    finish(args, v, 3e-3, 1, val=0.60, val_loss=0.45, test=0.70)
+
+    import altlora.train
+    monkeypatch.setattr(altlora.train, "train", lambda *a, **k: pytest.fail("a finished run was retrained"))
+    runner = quality.Runner(args, train=True, log=lambda m: None)
+    assert runner.variant(v) == pytest.approx(3e-3)
+    assert [r["status"] for r in runner.runs] == ["done"] * 3
+
+    row = quality.aggregate(args, [v], runner)["polarity"]["lora"]
+    assert row["test_by_seed"] == {0: pytest.approx(74.0), 1: pytest.approx(70.0)}
+    assert row["mean"] == pytest.approx(72.0)
+    assert row["std"] == pytest.approx(math.sqrt(8.0))
+    assert row["pending_runs"] == 0 and row["paper"] == quality.PAPER["SST-2"]["lora"]
+
+
+def test_missing_grid_run_leaves_the_variant_pending(make_args):
+    args = make_args("--tasks", "polarity", "--methods", "lora", "--suite", "main", "--seeds", "2",
+                     "--lr-grid-size", "2", "--report-only")
+    (v,) = quality.build_plan(args)
+    finish(args, v, 1e-3, 0, val=0.70, val_loss=0.50, test=0.71)
+    runner = quality.Runner(args, train=False, log=lambda m: None)
+    assert runner.variant(v) is None                            # no lr is chosen on half a grid
+    assert [r["status"] for r in runner.runs] == ["done", "pending"]
+    assert quality.aggregate(args, [v], runner)["polarity"]["lora"]["pending_runs"] == 2
