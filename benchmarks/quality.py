@@ -64,7 +64,7 @@ import yaml
 
 import altlora
 from altlora.checkpoint import RESUME_MAY_CHANGE, atomic_write_json
-from altlora.config import Config, resolve_config
+from altlora.config import Config, ConfigError, resolve_config
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -108,6 +108,9 @@ GRIDS = {
 }
 #: extra grid values a method gets when the grid has more than one (paper E.1: AltLoRA's is wider)
 WIDER = {"altlora": 2}
+SUITES = ("main", "ablations", "init")
+#: what a task spec (built in, or from --task-file) may hold
+SPEC_KEYS = ("paper", "about", "grid_shift", "methods", "suites", "config")
 #: ablation suffix -> Config values (Table 9 rows; Table 2's rank rows)
 ABLATIONS = {"B-first": {"optim_args": {"first": "B"}}, "joint": {"optim_args": {"mode": "joint"}}, "r=32": {"r": 32}}
 ABLATED = ("altlora", "altlora_plus")
@@ -138,9 +141,38 @@ def merge(task: dict, update: dict) -> dict:
     return {**task, **update, "config": {**task.get("config", {}), **update.get("config", {})}}
 
 
+def read_task_file(path: str) -> dict:
+    """The ``--task-file`` mapping ``task name -> spec``; ConfigError naming the file and the fix.
+
+    Config keys and values are checked later, by ``resolve_config``, for every task."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--task-file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping of task names to specs, got {type(data).__name__}")
+    for name, spec in data.items():
+        where = f"{p}: task {name!r}"
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{where}: expected a mapping with keys from {', '.join(SPEC_KEYS)}")
+        unknown = sorted(set(spec) - set(SPEC_KEYS))
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {unknown}; valid: {', '.join(SPEC_KEYS)}")
+        if not isinstance(spec.get("config", {}), dict):
+            raise ConfigError(f"{where}: 'config' must be a mapping of `altlora train` keys")
+        for key, valid in (("methods", MAIN), ("suites", SUITES)):
+            bad = [x for x in spec.get(key, []) if x not in valid]
+            if bad:
+                raise ConfigError(f"{where}: unknown {key} {bad}; valid: {', '.join(valid)}")
+    return data
+
+
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--suite", default="main,ablations,init", help="comma list of main, ablations, init")
+    p.add_argument("--suite", default=",".join(SUITES), help=f"comma list of {', '.join(SUITES)}")
     p.add_argument("--tasks", default=None, help=f"comma list (default: all of {', '.join(TASKS)} and --task-file's)")
     p.add_argument("--task-file", default=None,
                    help="YAML mapping name -> {paper: GSM8K|SST-2|none, about: text, grid_shift: int, methods: "
@@ -160,8 +192,11 @@ def parse_args() -> argparse.Namespace:
                    help="smoke test: tiny budgets, 1 seed, 1 lr, a few methods, one ablation and one init")
     args = p.parse_args()
     tasks = dict(TASKS)
-    extra = yaml.safe_load(Path(args.task_file).read_text()) if args.task_file else None
-    for name, spec in (extra or {}).items():
+    try:
+        extra = read_task_file(args.task_file) if args.task_file else {}
+    except ConfigError as e:
+        p.error(str(e))
+    for name, spec in extra.items():
         tasks[name] = merge(tasks.get(name, {}), spec)
     names = args.tasks.split(",") if args.tasks else list(tasks)
     unknown = [n for n in names if n not in tasks]
@@ -180,9 +215,17 @@ def parse_args() -> argparse.Namespace:
         args.out_dir = args.out_dir or tempfile.mkdtemp(prefix="altlora-quality-")
     args.out_dir = Path(args.out_dir or RESULTS)
     args.run_root = Path(args.run_root or (args.out_dir / "runs" if args.quick else "runs/quality"))
-    bad = (args.suites - {"main", "ablations", "init"}) or [m for m in args.main if m not in MAIN]
-    if bad or not 1 <= args.lr_grid_size <= 5 or args.seeds < 1:
-        p.error(f"check --suite/--methods ({sorted(bad) if bad else ''}), --lr-grid-size 1-5, --seeds >= 1")
+    for flag, given, valid in (("--suite", sorted(args.suites), SUITES), ("--methods", args.main, MAIN)):
+        bad = [x for x in given if x not in valid]
+        if bad:
+            p.error(f"{flag}: unknown {bad}; valid: {', '.join(valid)}")
+    if not 1 <= args.lr_grid_size <= 5 or args.seeds < 1:
+        p.error("--lr-grid-size must be 1-5 and --seeds at least 1")
+    for task in args.task_specs:  # a bad config key or value fails here, not in every run
+        try:
+            run_config(args, Variant(task, "lora", "lora", "main"), 1e-3, 0)
+        except ConfigError as e:
+            p.error(str(e))
     return args
 
 
@@ -234,7 +277,7 @@ def run_config(args, v: Variant, lr: float, seed: int) -> Config:
     if args.steps:
         values["max_steps"] = args.steps
     values["eval_every"] = values["max_steps"]  # the final model's validation score, nothing earlier
-    cfg = resolve_config(None, {**values, "output_dir": "-"})
+    cfg = resolve_config(None, {**values, "output_dir": "-"}, cli_source=f"quality task {v.task!r}")
     key = {k: val for k, val in cfg.fields().items() if k not in RESUME_MAY_CHANGE | {"output_dir"}}
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
     cfg.output_dir = str(args.run_root / v.task / v.name.replace("/", "_") / f"lr{lr:g}-s{seed}-{digest}")

@@ -367,6 +367,10 @@ def test_unknown_flag_and_config_key_suggest_closest(tiny, tmp_path, capsys):
     cfg.write_text("lr: 1e-3\nwarmup_ratoi: 0.1\n")
     assert cli.main(["train", "--config", str(cfg)]) == 2
     assert "unknown config key 'warmup_ratoi'. Did you mean 'warmup_ratio'?" in capsys.readouterr().err
+    from altlora.config import ConfigError, resolve_config
+
+    with pytest.raises(ConfigError, match="my script: unknown config key 'max_stepz'. Did you mean 'max_steps'"):
+        resolve_config(None, {"max_stepz": 3}, cli_source="my script")
 
 
 def test_config_yaml_cli_precedence_and_optim_notes_alias(tmp_path):

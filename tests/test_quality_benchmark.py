@@ -100,3 +100,33 @@ def test_missing_grid_run_leaves_the_variant_pending(make_args):
     assert runner.variant(v) is None                            # no lr is chosen on half a grid
     assert [r["status"] for r in runner.runs] == ["done", "pending"]
     assert quality.aggregate(args, [v], runner)["polarity"]["lora"]["pending_runs"] == 2
+
+
+@pytest.mark.parametrize("text, message", [
+    (None, "does not exist"),
+    ("polarity: {config: {max_steps: 5}\n", "not valid YAML"),
+    ("- polarity\n", "expected a mapping of task names"),
+    ("polarity: {paperr: SST-2}\n", "unknown key(s) ['paperr']; valid: paper"),
+    ("polarity: {methods: [lora, altlora_pls]}\n", "unknown methods ['altlora_pls']"),
+    ("polarity: {config: {max_stepz: 5}}\n", "unknown config key 'max_stepz'. Did you mean 'max_steps'"),
+    ("polarity: {config: {max_steps: many}}\n", "max_steps must be"),
+])
+def test_bad_task_file_is_refused_with_file_and_fix(make_args, tmp_path, capsys, text, message):
+    path = tmp_path / "tasks.yaml"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(SystemExit):
+        make_args("--task-file", str(path), "--tasks", "polarity")
+    err = capsys.readouterr().err
+    assert message in err and (text is None or "tasks.yaml" in err or "quality task 'polarity'" in err)
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--methods", "lora,altlora_pls", "--methods: unknown ['altlora_pls']; valid: pretrained, full"),
+    ("--suite", "main,ablation", "--suite: unknown ['ablation']; valid: main, ablations, init"),
+    ("--tasks", "sst2", "unknown task(s) ['sst2']; known: arithmetic, polarity"),
+])
+def test_bad_flags_list_the_valid_values(make_args, capsys, flag, value, message):
+    with pytest.raises(SystemExit):
+        make_args(flag, value)
+    assert message in capsys.readouterr().err

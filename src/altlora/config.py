@@ -194,12 +194,14 @@ def add_config_flags(parser: argparse.ArgumentParser, only: set[str] | None = No
             g.add_argument(*flags, dest=name, default=argparse.SUPPRESS, metavar=name.upper(), help=help_)
 
 
-def resolve_config(yaml_path: str | None, cli: dict[str, Any]) -> Config:
-    """Defaults, then the YAML file, then CLI values (only the keys the user gave)."""
+def resolve_config(yaml_path: str | None, cli: dict[str, Any], cli_source: str = "command line") -> Config:
+    """Defaults, then the YAML file, then ``cli`` values (only the keys the user gave); errors
+    name ``cli_source`` as the origin of a ``cli`` value."""
     values = load_yaml(yaml_path) if yaml_path else {}
     source = {k: str(yaml_path) for k in values}
     for k, v in cli.items():
-        values[k], source[k] = v, "command line"
+        k = _check_key(k, cli_source)
+        values[k], source[k] = v, cli_source
     given = set(values)
     cfg = Config(**{k: _coerce(k, v, source[k]) for k, v in values.items()})
     if "epochs" in given and "max_steps" not in given:
