@@ -52,6 +52,7 @@ CASES = {**ALTLORA, **BASELINES, "adalora": ("adalora", 1e-2, {})}
 ENGINE_CASES = {"ddp": list(CASES), "fsdp2": list(ALTLORA) + list(BASELINES)}
 RESUME_CASE = "altlora_plus_switch3"
 SWAPPED_CASE = "altlora_b_first"
+MUTANT_CASE = "altlora_plus"
 
 
 def build_model(label: str, seed: int = 0) -> torch.nn.Module:
@@ -67,12 +68,32 @@ def build_optimizer(model: torch.nn.Module, label: str) -> torch.optim.Optimizer
 
 
 def train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int, *, start: int = 0,
-          rank: int = 0, world: int = 1) -> None:
-    """``steps`` steps on this rank's slice of each global batch (the mean loss of equal-length rows)."""
+          rank: int = 0, world: int = 1, mirror: bool = False, perturb: float = 0.0) -> None:
+    """``steps`` steps, each on this rank's slice of the global batch (the mean loss over its
+    equal-length rows); the engine averages the ranks' gradients.
+
+    ``mirror=True`` (one process) computes what that average is, in the same arithmetic: the
+    gradient of every slice's loss divided by ``world``, accumulated in rank order. For
+    ``world == 2`` this is bitwise DDP's result: each rank's backward runs the same kernels on
+    the same shapes, halving is exact in binary floating point, and a sum of two terms does
+    not depend on the order the all-reduce adds them in.
+
+    ``perturb`` multiplies every gradient entry by ``1 +- perturb`` (random signs, seeded) before
+    each step: the test measures how much the trajectory amplifies round-off with it.
+    """
     per_rank = GLOBAL_BATCH // world
     for t in range(start, start + steps):
-        x = token_batch(t, n=GLOBAL_BATCH)[rank * per_rank:(rank + 1) * per_rank]
-        model(input_ids=x, labels=x).loss.backward()
+        x = token_batch(t, n=GLOBAL_BATCH)
+        for r in range(world) if mirror else [rank]:
+            xr = x[r * per_rank:(r + 1) * per_rank]
+            loss = model(input_ids=xr, labels=xr).loss
+            (loss / world if mirror else loss).backward()
+        if perturb:
+            g = torch.Generator().manual_seed(t)
+            for p in model.parameters():
+                if p.grad is not None:
+                    signs = torch.randint(0, 2, p.grad.shape, generator=g, dtype=p.grad.dtype) * 2 - 1
+                    p.grad.mul_(1 + perturb * signs)
         opt.step()
         opt.zero_grad()
 
@@ -142,6 +163,20 @@ def run_fsdp2(rank: int, world: int, out: str) -> dict:
         opt = build_optimizer(model, label)  # after fully_shard
         train(model, opt, STEPS, rank=rank, world=world)
         results[label] = trainable(model)
+
+    # A planted bug the comparison must catch: AltLoRA+'s r x r Grams not summed over the shards.
+    from altlora.optim import altlora as altlora_module
+
+    model = build_model(MUTANT_CASE)
+    _shard(model, mesh)
+    opt = build_optimizer(model, MUTANT_CASE)
+    real = altlora_module.all_reduce_sum
+    altlora_module.all_reduce_sum = lambda x, layout: x
+    try:
+        train(model, opt, STEPS, rank=rank, world=world)
+    finally:
+        altlora_module.all_reduce_sum = real
+    results["mutant"] = trainable(model)
 
     # Built before fully_shard, then given the sharded tensors the way accelerate's FSDP2
     # preparation does (param_groups[i]["params"] replaced, matched by parameter name).

@@ -49,6 +49,32 @@ def adapter_weights(out):
     return load_file(str(Path(out) / "adapter" / "adapter_model.safetensors"))
 
 
+# Runs that sum the same examples in another order (split across ranks or micro-batches) use
+# AltLoRA: its step is the least-squares projection of the gradient, so round-off reaches the
+# effective update B A amplified by about cond(B) (the least-squares condition number) and
+# no more. AltLoRA+ is not a fair probe of the loop: from B = 0 its sign-like steps turn
+# round-off along B's weak directions into whole steps (float32 adapters 5% apart after 4 steps).
+SAME_SUMS_IN_ANOTHER_ORDER = ("--optimizer", "altlora", "--lr", "1")
+
+
+def assert_same_training(one, two):
+    """Logged losses within a few float32 ulps (means of the same per-token losses, observed
+    <= 1 ulp apart) and effective updates ``B A`` within a few ulps x cond(B) (observed 1e-6
+    relative with cond(B) 180)."""
+    ulp32 = torch.finfo(torch.float32).eps
+    for key in ("loss", "val_loss"):
+        got, want = [r[key] for r in rows(two) if key in r], [r[key] for r in rows(one) if key in r]
+        assert len(got) == len(want) and got == pytest.approx(want, rel=8 * ulp32), key
+    a, b = adapter_weights(one), adapter_weights(two)
+    assert a.keys() == b.keys()
+    pairs = [(k, k.replace("lora_A", "lora_B")) for k in a if "lora_A" in k]
+    deltas = [(a[kb].double() @ a[ka].double(), b[kb].double() @ b[ka].double()) for ka, kb in pairs]
+    assert all(x.norm() > 0 for x, _ in deltas)  # every layer trained
+    err = sum((x - y).norm() ** 2 for x, y in deltas).sqrt() / sum(x.norm() ** 2 for x, _ in deltas).sqrt()
+    cond_b = max(torch.linalg.cond(a[kb].double()).item() for _, kb in pairs)
+    assert err <= 8 * ulp32 * cond_b, (err.item(), cond_b)
+
+
 def reloaded_val_loss(out):
     """Validation loss of the model saved in ``out`` (reloaded from disk) on the run's val split."""
     from altlora.config import resolve_config
@@ -233,30 +259,30 @@ def test_resume_continues_exactly(tiny, tmp_path, monkeypatch, capsys):
     assert "resumed from" in capsys.readouterr().out
     a, b = adapter_weights(full), adapter_weights(cut)
     assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+    for k in a:  # the same arithmetic in the same process: bitwise
+        assert torch.equal(a[k], b[k]), k
     assert [r["step"] for r in rows(full)] == [r["step"] for r in rows(cut)]
-    assert [r.get("loss") for r in rows(full)] == pytest.approx([r.get("loss") for r in rows(cut)], abs=1e-6)
+    assert [r.get("loss") for r in rows(full)] == [r.get("loss") for r in rows(cut)]
     before = json.loads((full / "results.json").read_text())["before"]
     assert json.loads((cut / "results.json").read_text())["before"] == before  # kept across the resume
 
 
 def test_gradient_accumulation_equals_one_large_batch(tiny, tmp_path):
     big, acc = tmp_path / "big", tmp_path / "acc"
-    common = ("--max_steps", "3", "--eval_before", "false", "--eval_every", "0", "--save_every", "0")
+    common = ("--max_steps", "3", "--eval_before", "false", "--eval_every", "0", "--save_every", "0",
+              *SAME_SUMS_IN_ANOTHER_ORDER)
     assert cli.main(args(tiny, big, "gen", *common, "--batch_size", "8")) == 0
     assert cli.main(args(tiny, acc, "gen", *common, "--batch_size", "4", "--grad_accum", "2")) == 0
-    assert [r["loss"] for r in rows(big)] == pytest.approx([r["loss"] for r in rows(acc)], abs=1e-5)
-    a, b = adapter_weights(big), adapter_weights(acc)
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=0)
+    assert_same_training(big, acc)
 
 
 def test_nproc_2_runs_ddp_with_the_same_global_batch(tiny, tmp_path, monkeypatch, capfd):
+    """``--nproc 2`` trains what one process trains on the same global batch (each rank sums its
+    share of a micro-batch: round-off only; bitwise DDP equality is in test_distributed.py)."""
     from altlora import launch
 
     extra = ("--max_steps", "4", "--grad_accum", "2", "--eval_before", "false", "--eval_every", "2",
-             "--save_every", "2", "--log_every", "1")
+             "--save_every", "2", "--log_every", "1", *SAME_SUMS_IN_ANOTHER_ORDER)
     one = tmp_path / "one"
     assert cli.main(args(tiny, one, "gen", *extra)) == 0
     two = tmp_path / "two"
@@ -269,12 +295,8 @@ def test_nproc_2_runs_ddp_with_the_same_global_batch(tiny, tmp_path, monkeypatch
     assert printed.out.count("results: ") == 1  # only rank 0 reports
     assert json.loads((two / "results.json").read_text())["processes"] == 2
     assert [r["step"] for r in rows(one)] == [r["step"] for r in rows(two)]  # rank 0 alone writes rows
-    for key in ("loss", "val_loss"):  # answers of 1 and 2 tokens: the ranks' shares differ in size
-        assert [r.get(key) for r in rows(one)] == pytest.approx([r.get(key) for r in rows(two)], abs=1e-5)
     assert (two / "checkpoint-2" / "state.json").is_file()
-    a, b = adapter_weights(one), adapter_weights(two)
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-3, rtol=0)
+    assert_same_training(one, two)
 
 
 def test_trainer_factory_path_matches_plain_loop(tiny, tmp_path):
