@@ -60,11 +60,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
 import altlora
 from altlora.checkpoint import RESUME_MAY_CHANGE, atomic_write_json
-from altlora.config import Config, ConfigError, resolve_config
+from altlora.config import Config, ConfigError, read_yaml_mapping, resolve_config
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -146,14 +145,7 @@ def read_task_file(path: str) -> dict:
 
     Config keys and values are checked later, by ``resolve_config``, for every task."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"--task-file {p} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML ({e})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{p}: expected a mapping of task names to specs, got {type(data).__name__}")
+    data = read_yaml_mapping(p, "--task-file", "task names to specs")
     for name, spec in data.items():
         where = f"{p}: task {name!r}"
         if not isinstance(spec, dict):

@@ -38,6 +38,8 @@ ALTLORA = {
     "altlora_joint": ("altlora", 1e-2, dict(mode="joint")),
     "altlora_plus": ("altlora_plus", 1e-2, {}),
     "altlora_plus_switch3": ("altlora_plus", 1e-2, dict(first="B", switch_every=3)),
+    # clipped in weight space at every step: the norm sums r x r terms over shards and the head
+    "altlora_clip": ("altlora", 0.5, dict(max_grad_norm=0.05, first="auto")),
 }
 BASELINES = {
     "lora": ("lora", 1e-2, {}),

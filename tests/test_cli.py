@@ -59,20 +59,24 @@ SAME_SUMS_IN_ANOTHER_ORDER = ("--optimizer", "altlora", "--lr", "1")
 
 def assert_same_training(one, two):
     """Logged losses within a few float32 ulps (means of the same per-token losses, observed
-    <= 1 ulp apart) and effective updates ``B A`` within a few ulps x cond(B) (observed 1e-6
-    relative with cond(B) 180)."""
+    <= 1 ulp apart) and the same effective updates (:func:`assert_same_updates`)."""
     ulp32 = torch.finfo(torch.float32).eps
     for key in ("loss", "val_loss"):
         got, want = [r[key] for r in rows(two) if key in r], [r[key] for r in rows(one) if key in r]
         assert len(got) == len(want) and got == pytest.approx(want, rel=8 * ulp32), key
-    a, b = adapter_weights(one), adapter_weights(two)
+    assert_same_updates(adapter_weights(one), adapter_weights(two))
+
+
+def assert_same_updates(a, b):
+    """Effective updates ``B A`` of two float32 adapters within a few ulps x cond(B) (observed
+    1e-6 relative with cond(B) 180)."""
     assert a.keys() == b.keys()
     pairs = [(k, k.replace("lora_A", "lora_B")) for k in a if "lora_A" in k]
     deltas = [(a[kb].double() @ a[ka].double(), b[kb].double() @ b[ka].double()) for ka, kb in pairs]
     assert all(x.norm() > 0 for x, _ in deltas)  # every layer trained
     err = sum((x - y).norm() ** 2 for x, y in deltas).sqrt() / sum(x.norm() ** 2 for x, _ in deltas).sqrt()
     cond_b = max(torch.linalg.cond(a[kb].double()).item() for _, kb in pairs)
-    assert err <= 8 * ulp32 * cond_b, (err.item(), cond_b)
+    assert err <= 8 * torch.finfo(torch.float32).eps * cond_b, (err.item(), cond_b)
 
 
 def reloaded_val_loss(out):
@@ -299,21 +303,26 @@ def test_nproc_2_runs_ddp_with_the_same_global_batch(tiny, tmp_path, monkeypatch
     assert_same_training(one, two)
 
 
-def test_trainer_factory_path_matches_plain_loop(tiny, tmp_path):
+@pytest.mark.parametrize("clip", [None, 0.05], ids=["trainer-default", "clipping-active"])
+def test_trainer_with_its_defaults_hands_clipping_to_the_optimizer(tiny, tmp_path, monkeypatch, caplog, clip):
+    """docs/integrations.md's Trainer path, TrainingArguments' defaults kept (max_grad_norm 1.0,
+    or a small one that clips every step): the optimizer clips in weight space and the
+    Trainer's raw-gradient clip never runs, as in `altlora train`, so both give the same model."""
     from peft import get_peft_model_state_dict
     from transformers import Trainer, TrainingArguments, set_seed
 
     from altlora import methods
     from altlora.config import resolve_config
     from altlora.data import collate, features, load_task_for
-    from altlora.hf import OptimizerFactory, OptimizerLogCallback
+    from altlora.hf import ClipHandoverCallback, OptimizerFactory, OptimizerLogCallback
     from altlora.models import adapt, load_model
 
     out = tmp_path / "loop"
     cfg = resolve_config(None, {"model": str(tiny["llama"]), "task": str(tiny["sft"]), "output_dir": str(out),
-                                "max_steps": 3, "batch_size": 30, "r": 4, "lora_alpha": 8, "lr": 1e-2,
+                                "max_steps": 3, "batch_size": 30, "r": 4, "lora_alpha": 8, "lr": 3.0,
                                 "val_size": 4, "test_size": 6, "eval_every": 0, "save_every": 0,
-                                "eval_before": False, "optimizer": "altlora_plus", "warmup_ratio": 0.3})
+                                "eval_before": False, "optimizer": "altlora", "warmup_ratio": 0.3,
+                                **({"max_grad_norm": clip} if clip else {})})
     train_mod.train(cfg, log=lambda s: None, progress_bar=False)
     loop = adapter_weights(out)
 
@@ -325,19 +334,25 @@ def test_trainer_factory_path_matches_plain_loop(tiny, tmp_path):
     assert len(feats) == cfg.batch_size  # one full batch per step: sample order cannot matter
     targs = TrainingArguments(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=len(feats),
                               max_steps=3, lr_scheduler_type="cosine", warmup_steps=math.ceil(0.3 * 3),
-                              max_grad_norm=1.0, seed=cfg.seed, report_to="none", save_strategy="no",
-                              logging_steps=1, disable_tqdm=True, use_cpu=True, remove_unused_columns=False)
+                              seed=cfg.seed, report_to="none", save_strategy="no",
+                              logging_steps=1, disable_tqdm=True, use_cpu=True, remove_unused_columns=False,
+                              **({"max_grad_norm": clip} if clip else {}))
+    assert targs.max_grad_norm == (clip or 1.0)
+    trainer_clips = []
+    monkeypatch.setattr(Trainer, "_clip_grad_norm", lambda self, model: trainer_clips.append(1))
     trainer = Trainer(model=model, args=targs, train_dataset=feats,
                       data_collator=lambda f: collate(f, tok.pad_token_id),
-                      optimizer_cls_and_kwargs=(OptimizerFactory, {"name": "altlora_plus", "lr": 1e-2}),
-                      callbacks=[OptimizerLogCallback()])
-    trainer.train()
-    hf = get_peft_model_state_dict(trainer.model)
-    assert hf.keys() == loop.keys()
-    for k in hf:
-        torch.testing.assert_close(hf[k], loop[k], atol=1e-5, rtol=1e-4)
+                      optimizer_cls_and_kwargs=(OptimizerFactory, {"name": "altlora", "lr": 3.0}),
+                      callbacks=[ClipHandoverCallback(), OptimizerLogCallback()])
+    with caplog.at_level("WARNING", logger="altlora.hf"):
+        trainer.train()
+    assert trainer_clips == []
+    assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
+    assert f"max_grad_norm={clip or 1:g} handed to AltLoRA" in caplog.records[0].message
     logged = [json.loads(line) for line in (tmp_path / "hf" / "optimizer_stats.jsonl").read_text().splitlines()]
     assert [r["phase"] for r in logged] == ["A", "B", "A"] and "max_cond_BtB" in logged[0]
+    assert (max(r["clip_coef"] for r in logged[1:]) < 1) == bool(clip)  # the optimizer clipped
+    assert_same_updates(loop, get_peft_model_state_dict(trainer.model))
 
 
 def test_accelerate_loop_as_documented(tiny):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,11 +22,41 @@ import yaml
 
 from .optim.paired import closest
 
-__all__ = ["Config", "ConfigError", "add_config_flags", "resolve_config", "load_yaml", "save_config"]
+__all__ = ["Config", "ConfigError", "add_config_flags", "resolve_config", "load_yaml", "read_yaml_mapping",
+           "yaml_value", "save_config"]
 
 
 class ConfigError(ValueError):
     """A configuration key or value is invalid."""
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML's safe loader that also reads ``1e-3`` and ``3E-4`` as numbers (YAML 1.1 wants a dot
+    and a signed exponent, ``1.0e-3``, and would return the string ``'1e-3'``)."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                              list("-+0123456789"))
+
+
+def yaml_value(text: str) -> Any:
+    """One YAML scalar or collection from a string, numbers written as people write them."""
+    return yaml.load(text, Loader=_Loader)
+
+
+def read_yaml_mapping(path: str | Path, what: str, of: str) -> dict[str, Any]:
+    """The mapping in YAML file ``path``; ConfigError naming the file if it is missing (``what``
+    names the option that gave it), not YAML, or not a mapping (of ``of``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} {p} does not exist")
+    try:
+        data = yaml.load(p.read_text(), Loader=_Loader) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping of {of}, got {type(data).__name__}")
+    return data
 
 
 def _f(default: Any, section: str, help: str) -> Any:
@@ -65,10 +96,13 @@ class Config:
     use_dora: bool = _f(False, "lora", "weight-decomposed LoRA (DoRA)")
     # optimizer
     optimizer: str = _f("altlora_plus", "optim", "method / optimizer name (see `altlora list methods`)")
-    lr: float = _f(1e-3, "optim", "peak learning rate")
+    lr: float = _f(0.0, "optim", "peak learning rate (0: the method's default, see `altlora list methods`)")
     weight_decay: float = _f(0.0, "optim", "weight decay")
     optim_args: dict = _f({}, "optim", "extra optimizer hyper-parameters, e.g. first=B,switch_every=2")
-    max_grad_norm: float = _f(1.0, "optim", "gradient clipping (0: off)")
+    max_grad_norm: float = _f(1.0, "optim", "gradient clipping (0: off); AltLoRA/AltLoRA+ clip the full-weight "
+                              "step of their projected gradient instead of the raw gradients")
+    clip_in_optimizer: bool = _f(True, "optim", "let optimizers that clip in their own geometry (AltLoRA, "
+                                 "AltLoRA+) take max_grad_norm; false: the loop clips raw gradients, as the Trainer does")
     lr_scheduler: str = _f("cosine", "optim", "transformers scheduler name: cosine, linear, constant_with_warmup, ...")
     warmup_ratio: float = _f(0.05, "optim", "fraction of the steps spent warming up")
     init_batches: int = _f(4, "optim", "training micro-batches that gradient-based inits (lora_ga) estimate from")
@@ -141,7 +175,7 @@ def _coerce(key: str, value: Any, source: str) -> Any:
                 k, sep, v = item.partition("=")
                 if not sep:
                     raise bad("key=value pairs separated by commas")
-                out[k.strip()] = yaml.safe_load(v)
+                out[k.strip()] = yaml_value(v)
             return out
         raise bad("a mapping")
     if isinstance(value, bool):
@@ -160,16 +194,8 @@ def _check_key(key: str, source: str) -> str:
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {p} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML ({e})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{p}: expected a mapping of config keys, got {type(data).__name__}")
-    return {_check_key(str(k), str(p)): v for k, v in data.items()}
+    """The config keys of a ``--config`` file, each checked against :class:`Config`."""
+    return {_check_key(str(k), str(path)): v for k, v in read_yaml_mapping(path, "config file", "config keys").items()}
 
 
 def add_config_flags(parser: argparse.ArgumentParser, only: set[str] | None = None) -> None:
@@ -217,6 +243,12 @@ def resolve_config(yaml_path: str | None, cli: dict[str, Any], cli_source: str =
         raise ConfigError(f"batch_size {cfg.batch_size} is split across nproc {cfg.nproc} processes; "
                           "it must be at least nproc")
     _check_method(cfg.optimizer)
+    if cfg.lr < 0:
+        raise ConfigError(f"lr must be > 0 (or 0 for the method's default), got {cfg.lr}")
+    if cfg.lr == 0:
+        from . import methods
+
+        cfg.lr = methods.get(cfg.optimizer).default_lr()
     if not cfg.output_dir:
         cfg.output_dir = str(Path("runs") / f"{Path(cfg.task).stem}-{cfg.optimizer}")
     from transformers import SchedulerType

@@ -2,11 +2,11 @@
 
 With any method of the registry (:mod:`altlora.methods`, aliases included)::
 
-    from altlora.hf import OptimizerFactory, OptimizerLogCallback
+    from altlora.hf import ClipHandoverCallback, OptimizerFactory, OptimizerLogCallback
     trainer = Trainer(
         model=peft_model, args=TrainingArguments(...), train_dataset=...,
         optimizer_cls_and_kwargs=(OptimizerFactory, {"name": "altlora_plus", "lr": 2e-4}),
-        callbacks=[OptimizerLogCallback()],
+        callbacks=[ClipHandoverCallback(), OptimizerLogCallback()],
     )
 
 The Trainer (transformers >= 5) treats a class that is not a ``torch.optim.Optimizer`` as a
@@ -24,6 +24,7 @@ Plain PyTorch loops and accelerate need nothing from this module: build the opti
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any
 
@@ -32,9 +33,11 @@ from torch import nn
 from transformers import TrainerCallback
 
 from . import methods
-from .metrics import optimizer_log_fields
+from .metrics import optimizer_log_fields, unwrap_optimizer
 
-__all__ = ["OptimizerFactory", "OptimizerLogCallback"]
+__all__ = ["ClipHandoverCallback", "OptimizerFactory", "OptimizerLogCallback"]
+
+logger = logging.getLogger(__name__)
 
 
 class OptimizerFactory:
@@ -48,6 +51,32 @@ class OptimizerFactory:
     def __call__(self, model: nn.Module, name: str = "altlora", lr: float = 1e-3,
                  **hparams: Any) -> torch.optim.Optimizer:
         return methods.get(name).create_optimizer(model, lr=lr, **hparams)
+
+
+class ClipHandoverCallback(TrainerCallback):
+    """Hands the Trainer's gradient clipping to optimizers that clip in their own geometry.
+
+    The Trainer clips the raw gradients of every parameter to ``args.max_grad_norm`` (1.0 by
+    default) before ``optimizer.step()``. AltLoRA's step is a projected-gradient step in weight
+    space, so that clip scales the step directly, by whichever factor's gradient is larger, and
+    breaks its transformation invariance. At the start of training this callback gives the
+    value to such an optimizer (``optimizer.max_grad_norm``: the norm of the full-weight step of
+    each pair, see :func:`altlora.optim.altlora.lifted_sq_norms`) and sets the Trainer's to 0,
+    saying so once in the log. An optimizer given its own ``max_grad_norm`` keeps it; other
+    optimizers keep the Trainer's clipping.
+    """
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        opt = unwrap_optimizer(optimizer) if optimizer is not None else None
+        if not getattr(opt, "clips_in_own_geometry", False) or not args.max_grad_norm or args.max_grad_norm <= 0:
+            return
+        if opt.max_grad_norm is None:
+            opt.max_grad_norm = float(args.max_grad_norm)
+        logger.warning(
+            "altlora: TrainingArguments.max_grad_norm=%g handed to %s, which clips the full-weight step of each "
+            "LoRA pair (max_grad_norm=%g); the Trainer's clipping of raw gradients is off",
+            args.max_grad_norm, type(opt).__name__, opt.max_grad_norm)
+        args.max_grad_norm = 0.0
 
 
 class OptimizerLogCallback(TrainerCallback):

@@ -77,6 +77,16 @@ class Method:
         hp.update(self.optimizer_defaults)
         return hp
 
+    def default_lr(self) -> float:
+        """The learning rate used when none is given: the optimizer's own default."""
+        return float(self.hyperparameters().get("lr", 1e-3))
+
+    @property
+    def clips_in_own_geometry(self) -> bool:
+        """Its optimizer takes ``max_grad_norm`` and clips the step it makes (AltLoRA, AltLoRA+),
+        so a training loop must not clip the raw gradients before it."""
+        return bool(getattr(OPTIMIZERS[self.optimizer][0], "clips_in_own_geometry", False))
+
     def adapter_options(self) -> dict[str, Any]:
         """The PEFT config fields this method uses unless ``lora_options`` override them."""
         return {} if self.adapter == "full" else self._lora_options(None)
@@ -164,7 +174,7 @@ class Method:
         """Build this method's optimizer for an adapted ``model``; ``hyperparams`` override defaults."""
         hp = {**self.optimizer_defaults, **hyperparams}
         if lr is None:
-            lr = self.hyperparameters().get("lr", 1e-3)
+            lr = self.default_lr()
         return create_optimizer(model, self.optimizer, lr=lr, **hp)
 
 

@@ -17,11 +17,11 @@ import torch
 
 from .config import ConfigError
 
-__all__ = ["optimizer_log_fields", "MetricsLog", "plot_loss", "peak_memory_mb"]
+__all__ = ["optimizer_log_fields", "unwrap_optimizer", "MetricsLog", "plot_loss", "peak_memory_mb"]
 
 
-def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
-    # accelerate's AcceleratedOptimizer / DeepSpeed wrappers keep the real one in .optimizer
+def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The optimizer inside accelerate's ``AcceleratedOptimizer`` or DeepSpeed's wrappers."""
     while hasattr(optimizer, "optimizer") and not hasattr(optimizer, "stats"):
         optimizer = optimizer.optimizer
     return optimizer
@@ -33,7 +33,7 @@ def optimizer_log_fields(optimizer: Any, with_stats: bool = True) -> dict[str, A
     Optimizers without pairs (AdamW, ...) give ``{}``. ``with_stats=False`` skips the
     eigenvalue computations and returns the phase only.
     """
-    opt = _unwrap(optimizer)
+    opt = unwrap_optimizer(optimizer)
     out: dict[str, Any] = {}
     if hasattr(opt, "phase"):
         out["phase"] = opt.phase()
@@ -44,6 +44,7 @@ def optimizer_log_fields(optimizer: Any, with_stats: bool = True) -> dict[str, A
             out["max_cond_BtB"] = max(p["cond_BtB"] for p in pairs)
             out["max_cond_AAt"] = max(p["cond_AAt"] for p in pairs)
         out["skipped_steps"] = s["skipped_steps"]
+        out.update({k: s[k] for k in ("grad_norm", "clip_coef") if k in s})
     return out
 
 

@@ -97,6 +97,13 @@ def _train(cfg: Config, d: launch.Dist, log: Callable[[str], None], progress_bar
     hp = dict(cfg.optim_args)
     if cfg.weight_decay:
         hp.setdefault("weight_decay", cfg.weight_decay)
+    # AltLoRA's step is a projected-gradient step in weight space: clipping its raw factor
+    # gradients would scale the step by whichever factor's gradient is larger, so it clips the
+    # full-weight step itself; every other method gets the usual clipping of raw gradients.
+    own_clip = cfg.clip_in_optimizer and method.clips_in_own_geometry
+    if own_clip and cfg.max_grad_norm > 0:
+        hp.setdefault("max_grad_norm", cfg.max_grad_norm)
+    loop_clip = 0.0 if own_clip else cfg.max_grad_norm
     try:
         optimizer = method.create_optimizer(model, lr=cfg.lr, **hp)
     except (TypeError, ValueError) as e:  # a misspelt or out-of-range optim_args entry
@@ -111,8 +118,12 @@ def _train(cfg: Config, d: launch.Dist, log: Callable[[str], None], progress_bar
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     metric = "exact_match" if task.kind == "generation" else "accuracy"
     log(f"model {model_path} | task {task.name} ({task.kind}: {n} train / {len(task.val)} val / "
-        f"{len(task.test)} test) | {method.name} lr {cfg.lr} | {trainable:,} trainable parameters | "
+        f"{len(task.test)} test) | {method.name} lr {cfg.lr:g} | {trainable:,} trainable parameters | "
         f"{total} steps of {bs}x{accum} examples on {d.world} x {device}{' bf16' if bf16 else ''}")
+    if cfg.max_grad_norm > 0:
+        log(f"gradient clipping at {cfg.max_grad_norm:g}: " + (
+            "by the optimizer, on the full-weight step of each LoRA pair's projected gradient" if own_clip
+            else "raw gradients of every trainable tensor"))
 
     # -------------------------------------------------------------- fresh start or resume
     initial_adapter = out / "initial_adapter" if moves_base_weights(model) else None
@@ -139,7 +150,7 @@ def _train(cfg: Config, d: launch.Dist, log: Callable[[str], None], progress_bar
         from tqdm.auto import tqdm
         bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
     net.train()
-    window = {"loss": 0.0, "tokens": 0.0, "time": 0.0, "steps": 0}
+    window = {"loss": 0.0, "tokens": 0.0, "time": 0.0, "steps": 0, "grad_norm": 0.0}
     for step in range(start, total):
         t0 = time.perf_counter()
         phase = optimizer_log_fields(optimizer, with_stats=False).get("phase", "")
@@ -157,10 +168,14 @@ def _train(cfg: Config, d: launch.Dist, log: Callable[[str], None], progress_bar
                 (loss * d.world).backward()  # DDP averages over processes; we want the sum
             loss_share += loss.item()
             tokens += int(batch["attention_mask"].sum())
-        if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
+        grad_norm = None
+        if loop_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], loop_clip)
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
+        if grad_norm is None:
+            grad_norm = getattr(optimizer, "last_grad_norm", None)
+        window["grad_norm"] = max(window["grad_norm"], float(grad_norm)) if grad_norm is not None else window["grad_norm"]
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step_loss, step_tokens = d.sum([loss_share, tokens])
@@ -176,6 +191,7 @@ def _train(cfg: Config, d: launch.Dist, log: Callable[[str], None], progress_bar
         if cfg.log_every and (done % cfg.log_every == 0 or done == total):
             metrics.record({"step": done, "epoch": round(done * accum * bs / n, 4),
                             "loss": window["loss"] / window["steps"], "lr": lr, "phase": phase,
+                            "grad_norm_max": window["grad_norm"],
                             "tokens_per_s": window["tokens"] / window["time"],
                             "peak_memory_mb": round(peak_memory_mb(device), 1),
                             **{f"optim/{k}": v for k, v in optimizer_log_fields(optimizer).items() if k != "phase"}})

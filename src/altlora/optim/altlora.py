@@ -18,12 +18,14 @@ keeps a copy of the other factor: AltLoRA's state is one momentum per factor plu
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
-from .paired import PairBucket, PairedOptimizer, _check_betas, _check_range, state_dtype_for
-from .sharding import all_reduce_and, all_reduce_sum, layout_of, local_r_first, r_first, write_r_first
+from .paired import PairBucket, PairedOptimizer, PlannedStep, _check_betas, _check_range, state_dtype_for
+from .sharding import (Layout, all_reduce_and, all_reduce_sum, full, layout_of, local_r_first, r_first,
+                       write_r_first)
 
 __all__ = ["AltLoRA", "AltLoRAPlus", "altlora_factor_update"]
 
@@ -75,6 +77,26 @@ def _per_pair(t: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
     return [t] if like[0].dim() == 3 else list(t.unbind(0))
 
 
+def lifted_sq_norms(grad_grams: torch.Tensor, gram: torch.Tensor, *, inv_s2: torch.Tensor | float,
+                    scaling: torch.Tensor, ridge: torch.Tensor | float) -> torch.Tensor:
+    """``||s Y^T g~||_F^2`` per pair: the squared norm of the full-weight step that the scaled
+    gradient ``g~ = (1/s^2) K^-1 grad`` makes (``s B g~_A`` or ``s g~_B A``). At ridge 0 this is
+    the projected full gradient of Theorem 1, ``Proj_c(B) G`` or ``G Proj_r(A)``, so it does not
+    change under ``(A, B) -> (R A, B R^-1)``. From r x r matrices only:
+    ``s^2 <g~ g~^T, Y Y^T> = s^2 inv_s2^2 <K^-1 (G G^T) K^-1, Y Y^T>``.
+
+    Args:
+        grad_grams: ``grad grad^T`` per pair (n, r, r), summed over column shards.
+        gram: ``Y Y^T`` (n, r, r) without the ridge; ``scaling``: s per pair (n,).
+    """
+    r = gram.shape[-1]
+    L, _ = torch.linalg.cholesky_ex(gram + ridge * torch.eye(r, dtype=gram.dtype, device=gram.device))
+    left = torch.cholesky_solve(grad_grams, L)                      # K^-1 G G^T
+    outer = torch.cholesky_solve(left.mT, L)                        # K^-1 G G^T K^-1 (symmetric)
+    inv = inv_s2.view(-1) if torch.is_tensor(inv_s2) else inv_s2
+    return (scaling * inv) ** 2 * (outer * gram).sum((-2, -1))
+
+
 def altlora_factor_update(
     xs: list[torch.Tensor],
     grads: list[torch.Tensor],
@@ -89,9 +111,10 @@ def altlora_factor_update(
     beta2: float = 0.0,
     eps: float = 0.0,
     weight_decay: float = 0.0,
-    ridge: float = 1e-6,
+    ridge: torch.Tensor | float = 1e-6,
     bc1: float = 1.0,
     bc2: float = 1.0,
+    clip_coef: torch.Tensor | float = 1.0,
     sync_ok: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor] | None, torch.Tensor]:
     """One AltLoRA / AltLoRA+ half-step on ``n`` factors (pure function, like ``torch.optim``'s
@@ -106,6 +129,9 @@ def altlora_factor_update(
         gram: ``Y Y^T`` of the other factors, stacked (n, r, r), without the ridge.
         cross: ``Y Y_prev^T`` (n, r, r), the basis change since the momentum was stored.
         inv_s2: ``1/s^2`` per pair, shape (n, 1, 1) or a number.
+        ridge: lambda, a number or one per pair (n, 1, 1).
+        clip_coef: multiplies the scaled gradient ``g~`` before it enters the moments
+            (gradient clipping in weight space, see :func:`lifted_sq_norms`).
         sync_ok: combines the per-pair "update is valid" flags across column shards.
 
     The ridge-regularised Gram ``K = Y Y^T + lam I`` is factorised once (batched Cholesky);
@@ -123,7 +149,7 @@ def altlora_factor_update(
     eye = torch.eye(r, dtype=gram.dtype, device=gram.device)
     L, info = torch.linalg.cholesky_ex(gram + ridge * eye)
     carry = _per_pair(beta1 * torch.cholesky_solve(cross, L), xs)         # Thm 2 / Cor. 2
-    scale = inv_s2 * torch.cholesky_solve(eye.expand(n, r, r), L)          # Thm 1 / Cor. 1
+    scale = (clip_coef * inv_s2) * torch.cholesky_solve(eye.expand(n, r, r), L)  # Thm 1 / Cor. 1
     if exp_avg_sqs is None:   # Algorithm 1: M = K^-1 (b1 C M + (1-b1) g / s^2)
         m_new = [_left_mul(c, m, add=_left_mul(q, g))
                  for c, q, g, m in zip(carry, _per_pair((1 - beta1) * scale, xs), grads, exp_avgs)]
@@ -162,19 +188,45 @@ def altlora_factor_update(
     return x_new, m_new, v_new, ok
 
 
+@dataclass
+class _HalfStep:
+    """One factor of one bucket of pairs, read for a step: rank-first views (lists of (r, m)
+    tensors, or one stacked (n, r, m) tensor when ``batched``) and the other factor's Gram."""
+
+    factor: str
+    bucket: PairBucket
+    params: list[torch.Tensor]
+    x_lay: Layout
+    X: list[torch.Tensor]
+    G: list[torch.Tensor]
+    M: list[torch.Tensor]
+    V: list[torch.Tensor] | None
+    x_states: list[dict]
+    y_states: list[dict]
+    gram: torch.Tensor
+    ridge: torch.Tensor | float
+    inv_s2: torch.Tensor | float
+    batched: bool
+
+
 class _AltLoRABase(PairedOptimizer):
     """Shared implementation; see :class:`AltLoRA` and :class:`AltLoRAPlus`."""
 
     _second_moment = False
+    clips_in_own_geometry = True  # max_grad_norm: see lifted_sq_norms
 
     def __init__(self, params: Any, lora_options: dict, *, switch_every: int, first: str,
                  mode: str, convention: str, divide_by_scaling_sq: bool | None,
                  bias_correction: str | bool | None, weight_decay: float, ridge: float,
-                 batched: bool | None, **kwargs: Any) -> None:
+                 relative_ridge: float, max_grad_norm: float | None, batched: bool | None,
+                 **kwargs: Any) -> None:
         if not isinstance(switch_every, int) or switch_every < 1:
             raise ValueError(f"switch_every must be an integer >= 1, got {switch_every!r}")
-        if first not in ("A", "B"):
-            raise ValueError(f"first must be 'A' or 'B', got {first!r}")
+        if first not in ("A", "B", "auto"):
+            raise ValueError(f"first must be 'A', 'B' or 'auto', got {first!r}")
+        _check_range("relative_ridge", relative_ridge, 0.0, None)
+        if max_grad_norm is not None:
+            _check_range("max_grad_norm", max_grad_norm, 0.0, None)
         if batched not in (None, True, False):
             raise ValueError(f"batched must be None (automatic), True or False, got {batched!r}")
         if mode not in ("alternating", "joint"):
@@ -192,13 +244,29 @@ class _AltLoRABase(PairedOptimizer):
         if bias_correction not in ("none", "first", "both"):
             raise ValueError(f"bias_correction must be 'none', 'first' or 'both', got {bias_correction!r}")
         lora_options.update(
-            weight_decay=weight_decay, ridge=ridge, switch_every=switch_every, first=first,
+            weight_decay=weight_decay, ridge=ridge, relative_ridge=relative_ridge,
+            switch_every=switch_every, first=first,
             mode=mode, divide_by_scaling_sq=bool(divide_by_scaling_sq),
             bias_correction=bias_correction, batched=batched,
         )
         super().__init__(params, lora_options, **kwargs)
+        self.max_grad_norm = max_grad_norm or None
 
     # ---------------------------------------------------------------- schedule
+    def _resolve_first(self, group: dict) -> None:
+        """``first="auto"``: start with the factor whose gradient is not zero by construction. If
+        every B of the group is zero (PEFT's init), grad_A = s B^T G is zero: start with B; if
+        every A is zero, start with A; otherwise A (Algorithm 1). Decided once, at the first
+        step, and stored in the group (so a checkpoint keeps it)."""
+        if group["first"] != "auto":
+            return
+        ps = group["params"]
+
+        def all_zero(factor: int) -> bool:
+            return all(not bool(full(p).any()) for p in ps[factor::2])
+
+        group["first"] = "B" if all_zero(1) else "A"
+
     @staticmethod
     def _active(group: dict, t: int) -> tuple[str, ...]:
         if group["mode"] == "joint":
@@ -220,24 +288,30 @@ class _AltLoRABase(PairedOptimizer):
 
     def phase(self, group: dict | None = None) -> str:
         group = group if group is not None else next(g for g in self.param_groups if g.get("lora"))
+        self._resolve_first(group)
         return "".join(self._active(group, group["step"]))
 
     def _moments(self, group: dict) -> tuple[float, float, float]:
         raise NotImplementedError
 
     # ---------------------------------------------------------------- step
-    def _lora_step(self, group: dict) -> None:
+    def _plan_lora_step(self, group: dict) -> PlannedStep:
+        self._resolve_first(group)
         t = group["step"]
-        every = 1 if group["mode"] == "joint" else group["switch_every"]
-        phase_first, phase_last = t % every == 0, (t + 1) % every == 0
-        # Compute every update before applying any: the joint mode is a Jacobi update.
-        pending = [
-            self._factor_update(group, bucket, factor, t, phase_first, phase_last)
-            for factor in self._active(group, t)
-            for bucket in self.pair_buckets(group, needs_grad=factor)
-        ]
-        for apply in pending:
-            apply()
+        halves = [self._gather(group, bucket, factor, t)
+                  for factor in self._active(group, t)
+                  for bucket in self.pair_buckets(group, needs_grad=factor)]
+        norm_sq = None
+        if self.max_grad_norm and halves:
+            norm_sq = torch.cat([self._lifted_sq_norms(group, h) for h in halves]).to(torch.float64)
+            norm_sq = torch.where(norm_sq.isfinite(), norm_sq, 0.0).sum()
+
+        def finish(coef: torch.Tensor | None) -> None:
+            # Compute every update before applying any: the joint mode is a Jacobi update.
+            for apply in [self._factor_update(group, h, t, coef) for h in halves]:
+                apply()
+
+        return PlannedStep(norm_sq, finish)
 
     def _state(self, p: torch.Tensor, like: torch.Tensor, factor: str) -> dict:
         """State of factor ``p``; ``like`` is its (local) rank-first view in the state dtype.
@@ -253,8 +327,9 @@ class _AltLoRABase(PairedOptimizer):
             st["nonfinite_skips"] = torch.zeros((), dtype=torch.int64, device=dev)
         return st
 
-    def _factor_update(self, group: dict, bucket: PairBucket, factor: str, t: int,
-                       phase_first: bool, phase_last: bool):
+    def _gather(self, group: dict, bucket: PairBucket, factor: str, t: int) -> _HalfStep:
+        """Rank-first views of one bucket's active factor, its gradient and state, and the Gram
+        of the other factor (all-reduced over column shards)."""
         other = _OTHER[factor]
         params, others = bucket.factor(factor), bucket.other(factor)
         x_lay, y_lay = layout_of(params[0], factor), layout_of(others[0], other)
@@ -275,15 +350,30 @@ class _AltLoRABase(PairedOptimizer):
             X, G, Y, M = ([torch.stack(ts)] for ts in (X, G, Y, M))
             V = [torch.stack(V)] if V is not None else None
         gram = all_reduce_sum(pair_products(Y, Y), y_lay)
-        # At a phase's first step the other factor has moved since this factor's last update:
-        # use the stored basis change; otherwise Y_prev = Y and the change is the Gram itself.
-        cross = torch.stack([s["basis_cross"] for s in y_states]) if phase_first else gram
-
+        ridge = group["ridge"]
+        if group["relative_ridge"]:  # lambda + rho * (mean eigenvalue of Y Y^T), per pair
+            ridge = ridge + group["relative_ridge"] / gram.shape[-1] * gram.diagonal(dim1=-2, dim2=-1).sum(-1)
+            ridge = ridge.view(-1, 1, 1)
         if group["divide_by_scaling_sq"]:
-            inv_s2 = torch.tensor([1.0 / s**2 for s in bucket.scaling], dtype=dt, device=gram.device)
-            inv_s2 = inv_s2.view(-1, 1, 1)
+            inv_s2 = torch.tensor([1.0 / s**2 for s in bucket.scaling], dtype=dt, device=gram.device).view(-1, 1, 1)
         else:
             inv_s2 = 1.0
+        return _HalfStep(factor, bucket, params, x_lay, X, G, M, V, x_states, y_states, gram, ridge,
+                         inv_s2, batched)
+
+    @staticmethod
+    def _lifted_sq_norms(group: dict, h: _HalfStep) -> torch.Tensor:
+        grad_grams = all_reduce_sum(pair_products(h.G, h.G), h.x_lay)
+        scaling = torch.tensor(h.bucket.scaling, dtype=h.gram.dtype, device=h.gram.device)
+        return lifted_sq_norms(grad_grams, h.gram, inv_s2=h.inv_s2, scaling=scaling, ridge=h.ridge)
+
+    def _factor_update(self, group: dict, h: _HalfStep, t: int, coef: torch.Tensor | None):
+        factor, X, states = h.factor, h.X, h.x_states
+        every = 1 if group["mode"] == "joint" else group["switch_every"]
+        phase_first, phase_last = t % every == 0, (t + 1) % every == 0
+        # At a phase's first step the other factor has moved since this factor's last update:
+        # use the stored basis change; otherwise Y_prev = Y and the change is the Gram itself.
+        cross = torch.stack([s["basis_cross"] for s in h.y_states]) if phase_first else h.gram
         beta1, beta2, eps = self._moments(group)
         n_updates = self._update_count(group, factor, t)
         bc = group["bias_correction"]
@@ -291,12 +381,13 @@ class _AltLoRABase(PairedOptimizer):
         bc2 = 1 - beta2**n_updates if bc == "both" and self._second_moment else 1.0
 
         X_new, M_new, V_new, ok = altlora_factor_update(
-            X, G, M, V, gram, cross, inv_s2=inv_s2, lr=group["lr"], beta1=beta1, beta2=beta2,
-            eps=eps, weight_decay=group["weight_decay"], ridge=group["ridge"], bc1=bc1, bc2=bc2,
-            sync_ok=lambda flags: all_reduce_and(flags, x_lay),
+            X, h.G, h.M, h.V, h.gram, cross, inv_s2=h.inv_s2, lr=group["lr"], beta1=beta1, beta2=beta2,
+            eps=eps, weight_decay=group["weight_decay"], ridge=h.ridge, bc1=bc1, bc2=bc2,
+            clip_coef=1.0 if coef is None else coef.to(h.gram.dtype),
+            sync_ok=lambda flags: all_reduce_and(flags, h.x_lay),
         )
         if self.on_nonfinite == "raise" and not bool(ok.all()):
-            bad = [group["pair_names"][bucket.index[i]] for i in (~ok).nonzero().flatten().tolist()]
+            bad = [group["pair_names"][h.bucket.index[i]] for i in (~ok).nonzero().flatten().tolist()]
             raise FloatingPointError(
                 f"{type(self).__name__}: non-finite gradient or update for factor {factor} of "
                 f"LoRA pair(s) {bad} at step {t}. Lower the learning rate or enable gradient "
@@ -306,31 +397,31 @@ class _AltLoRABase(PairedOptimizer):
         # Basis change r x r that the *other* factor's momentum will need (Thm 2): X_new X_start^T.
         cross_out = snapshots = None
         if phase_last:
-            starts = [s.pop("phase_start", None) for s in x_states]
+            starts = [s.pop("phase_start", None) for s in states]
             if any(s is None for s in starts):
                 starts = X
-            elif batched:
+            elif h.batched:
                 starts = [torch.stack(starts)]
-            cross_out = all_reduce_sum(pair_products(X_new, starts), x_lay)
+            cross_out = all_reduce_sum(pair_products(X_new, starts), h.x_lay)
         elif phase_first:
-            snapshots = [x.clone() for x in (X[0].unbind(0) if batched else X)]
-        if batched:
+            snapshots = [x.clone() for x in (X[0].unbind(0) if h.batched else X)]
+        if h.batched:
             X_new, M_new = list(X_new[0].unbind(0)), list(M_new[0].unbind(0))
             V_new = list(V_new[0].unbind(0)) if V_new is not None else None
 
         def apply() -> None:
-            write_r_first(params, factor, x_lay, X_new)
+            write_r_first(h.params, factor, h.x_lay, X_new)
             # adopt the new moment tensors (no copy) in the factor's own layout
-            for s, m in zip(x_states, M_new):
+            for s, m in zip(states, M_new):
                 s["exp_avg"] = r_first(m, factor).contiguous()
-            for s, v in zip(x_states, V_new or ()):
+            for s, v in zip(states, V_new or ()):
                 s["exp_avg_sq"] = r_first(v, factor).contiguous()
             if cross_out is not None:
-                torch._foreach_copy_([s["basis_cross"] for s in x_states], list(cross_out.unbind(0)))
+                torch._foreach_copy_([s["basis_cross"] for s in states], list(cross_out.unbind(0)))
             if snapshots is not None:
-                for s, snap in zip(x_states, snapshots):
+                for s, snap in zip(states, snapshots):
                     s["phase_start"] = snap
-            torch._foreach_add_([s["nonfinite_skips"] for s in x_states], list((~ok).unbind(0)))
+            torch._foreach_add_([s["nonfinite_skips"] for s in states], list((~ok).unbind(0)))
 
         return apply
 
@@ -372,8 +463,11 @@ class AltLoRA(_AltLoRABase):
         linalg_dtype: ``torch.float64`` to do state and r x r algebra in double precision.
     """
 
+    lr_is_adam_scale = False  # aux_lr defaults to 1e-3, not lr
+
     def __init__(self, params: Any = None, lr: float = 1e-3, *, beta1: float = 0.9,
-                 weight_decay: float = 0.0, ridge: float = 1e-6, switch_every: int = 1,
+                 weight_decay: float = 0.0, ridge: float = 1e-6, relative_ridge: float = 0.0,
+                 max_grad_norm: float | None = None, switch_every: int = 1,
                  first: str = "A", mode: str = "alternating", convention: str = "paper",
                  divide_by_scaling_sq: bool | None = None,
                  bias_correction: str | bool | None = None, batched: bool | None = None,
@@ -383,7 +477,8 @@ class AltLoRA(_AltLoRABase):
                          first=first, mode=mode, convention=convention,
                          divide_by_scaling_sq=divide_by_scaling_sq,
                          bias_correction=bias_correction, weight_decay=weight_decay,
-                         ridge=ridge, batched=batched, **kwargs)
+                         ridge=ridge, relative_ridge=relative_ridge, max_grad_norm=max_grad_norm,
+                         batched=batched, **kwargs)
 
     def _moments(self, group: dict) -> tuple[float, float, float]:
         return group["beta1"], 0.0, 0.0
@@ -402,6 +497,7 @@ class AltLoRAPlus(_AltLoRABase):
 
     def __init__(self, params: Any = None, lr: float = 1e-4, *, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, ridge: float = 1e-6,
+                 relative_ridge: float = 0.0, max_grad_norm: float | None = None,
                  switch_every: int = 1, first: str = "A", mode: str = "alternating",
                  convention: str = "paper", divide_by_scaling_sq: bool | None = None,
                  bias_correction: str | bool | None = None, batched: bool | None = None,
@@ -412,7 +508,8 @@ class AltLoRAPlus(_AltLoRABase):
                          switch_every=switch_every, first=first, mode=mode,
                          convention=convention, divide_by_scaling_sq=divide_by_scaling_sq,
                          bias_correction=bias_correction, weight_decay=weight_decay,
-                         ridge=ridge, batched=batched, **kwargs)
+                         ridge=ridge, relative_ridge=relative_ridge, max_grad_norm=max_grad_norm,
+                         batched=batched, **kwargs)
 
     def _moments(self, group: dict) -> tuple[float, float, float]:
         beta1, beta2 = group["betas"]

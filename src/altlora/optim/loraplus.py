@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from .paired import PairedOptimizer, _check_betas, _check_range
 
 __all__ = ["LoRAPlus"]
@@ -74,10 +76,10 @@ class LoRAPlus(PairedOptimizer):
             self._aux_step({**group, "lr": lr * group["embedding_lr_ratio"],
                             "params": [p for i, p in enumerate(ps) if emb[i // 2]]})
 
-    def _aux_step(self, group: dict) -> None:
+    def _aux_step(self, group: dict, coef: torch.Tensor | None = None) -> None:
         if group.get("lora") or not self.ratio_on_vectors:
-            return super()._aux_step(group)
+            return super()._aux_step(group, coef)
         ps = group["params"]
-        super()._aux_step({**group, "params": [p for p in ps if p.dim() != 1]})
+        super()._aux_step({**group, "params": [p for p in ps if p.dim() != 1]}, coef)
         super()._aux_step({**group, "params": [p for p in ps if p.dim() == 1],
-                           "lr": group["lr"] * group["ratio"]})
+                           "lr": group["lr"] * group["ratio"]}, coef)

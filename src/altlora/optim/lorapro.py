@@ -174,6 +174,8 @@ class LoRAProSGD(_LoRAProBase):
         aux_*, on_nonfinite, linalg_dtype: see :class:`~altlora.optim.paired.PairedOptimizer`.
     """
 
+    lr_is_adam_scale = False  # aux_lr defaults to 1e-3, not lr
+
     def __init__(self, params: Any = None, lr: float = 1e-3, *, weight_decay: float = 0.0,
                  ridge: float = 1e-8, x_mode: str = "sylvester", **kwargs: Any) -> None:
         super().__init__(params, dict(lr=lr), weight_decay=weight_decay, ridge=ridge, x_mode=x_mode,

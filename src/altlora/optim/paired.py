@@ -67,6 +67,18 @@ class PairBucket:
         return self.B if which == "A" else self.A
 
 
+@dataclass
+class PlannedStep:
+    """A LoRA group's step between reading its gradients and applying it.
+
+    ``norm_sq``: squared norm of the group's gradient in the geometry its optimizer clips in
+    (None if it does not clip); ``finish(coef)`` computes and applies the step with the
+    gradients scaled by ``coef`` (None: unclipped)."""
+
+    norm_sq: torch.Tensor | None
+    finish: Callable[[torch.Tensor | None], None]
+
+
 def _pair_label(pr: LoRAPair, i: int) -> str:
     base = pr.name or f"pair{i}"
     return f"{base}[{pr.adapter}]" if pr.adapter else base
@@ -174,10 +186,17 @@ def build_param_groups(
 class PairedOptimizer(torch.optim.Optimizer):
     """Common machinery: pairing, aux AdamW group, batching, state precision, diagnostics.
 
-    Subclasses implement :meth:`_lora_step` for one LoRA group.
+    Subclasses implement :meth:`_lora_step` for one LoRA group, or :meth:`_plan_lora_step`
+    when they clip in their own geometry (``max_grad_norm``).
     """
 
-    _lora_keys: tuple[str, ...] = ()
+    #: Does ``lr`` live on Adam's per-entry scale? Optimizers whose LoRA step is an unnormalised
+    #: (projected) gradient step in weight space set False: their lr (0.1-10) must not reach the
+    #: AdamW-trained extra tensors, whose ``aux_lr`` then defaults to AdamW's 1e-3 instead of lr.
+    lr_is_adam_scale: bool = True
+    max_grad_norm: float | None = None  # set by optimizers that clip their own gradients
+    last_grad_norm: torch.Tensor | None = None  # the last step's norm and clip coefficient
+    last_clip_coef: torch.Tensor | None = None
 
     def __init__(
         self,
@@ -199,7 +218,9 @@ class PairedOptimizer(torch.optim.Optimizer):
             model, params = params, None
         lr = lora_options["lr"]
         _check_range("lr", lr, 0.0, None)
-        _check_range("aux_lr", aux_lr if aux_lr is not None else lr, 0.0, None)
+        if aux_lr is None:
+            aux_lr = lr if self.lr_is_adam_scale else 1e-3
+        _check_range("aux_lr", aux_lr, 0.0, None)
         _check_betas("aux_betas", aux_betas)
         _check_range("aux_eps", aux_eps, 0.0, None)
         _check_range("aux_weight_decay", aux_weight_decay, 0.0, None)
@@ -222,7 +243,7 @@ class PairedOptimizer(torch.optim.Optimizer):
         if not pair_list:
             raise LoRAPairingError(no_pairs_message(model))
 
-        aux_options = dict(lr=aux_lr if aux_lr is not None else lr, betas=tuple(aux_betas),
+        aux_options = dict(lr=aux_lr, betas=tuple(aux_betas),
                            eps=aux_eps, weight_decay=aux_weight_decay)
         groups, sources = build_param_groups(params, model, pair_list, lora_options, aux_options)
         check_not_flattened((p for g in groups for p in g["params"]), type(self).__name__)
@@ -247,18 +268,45 @@ class PairedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         if not any(p.grad is not None for g in self.param_groups if g.get("lora") for p in g["params"]):
             warnings.warn(_NO_GRAD_MSG.format(what=type(self).__name__), stacklevel=2)
+        plans = []
         for gi, group in enumerate(self.param_groups):
             if group.get("lora"):
                 self._check_lora_group(group)
                 self._refresh_scaling(gi, group)
-                self._lora_step(group)
-                group["step"] += 1
-            else:
-                self._aux_step(group)
+                plans.append((group, self._plan_lora_step(group)))
+        coef = self._clip_coefficient([plan.norm_sq for _, plan in plans])
+        for group, plan in plans:
+            plan.finish(coef)
+            group["step"] += 1
+        for group in self.param_groups:
+            if not group.get("lora"):
+                self._aux_step(group, coef)
         return loss
+
+    def _plan_lora_step(self, group: dict) -> PlannedStep:
+        """Optimizers that do not clip in their own geometry step the group in ``finish``."""
+        return PlannedStep(None, lambda coef: self._lora_step(group))
 
     def _lora_step(self, group: dict) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _clip_coefficient(self, lora_norms_sq: list[torch.Tensor | None]) -> torch.Tensor | None:
+        """``min(1, max_grad_norm / N)`` (torch's ``clip_grad_norm_`` formula), N the global norm
+        of the LoRA groups' gradients in the optimizer's geometry and of the aux tensors' raw
+        gradients; non-finite contributions are left out (those pairs are skipped anyway)."""
+        self.last_grad_norm = self.last_clip_coef = None
+        if not self.max_grad_norm:
+            return None
+        parts = [n for n in lora_norms_sq if n is not None]
+        parts += [full(p.grad).double().square().sum() for g in self.param_groups if not g.get("lora")
+                  for p in g["params"] if p.grad is not None]
+        if not parts:
+            return None
+        sq = torch.stack([x.to(device=parts[0].device, dtype=torch.float64) for x in parts])
+        norm = torch.where(sq.isfinite(), sq, 0.0).sum().sqrt()
+        coef = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+        self.last_grad_norm, self.last_clip_coef = norm, coef
+        return coef
 
     def _check_lora_group(self, group: dict) -> None:
         ps = group["params"]
@@ -289,7 +337,7 @@ class PairedOptimizer(torch.optim.Optimizer):
             b.scaling.append(s)
         return list(buckets.values())
 
-    def _aux_step(self, group: dict) -> None:
+    def _aux_step(self, group: dict, coef: torch.Tensor | None = None) -> None:
         params, grads, m, v, steps = [], [], [], [], []
         for p in group["params"]:
             if p.grad is None:
@@ -307,6 +355,8 @@ class PairedOptimizer(torch.optim.Optimizer):
             m.append(st["exp_avg"])
             v.append(st["exp_avg_sq"])
             steps.append(st["step"])
+        if coef is not None and grads:  # scaled copies: the user's .grad stays as computed
+            grads = torch._foreach_mul(grads, coef.to(grads[0].device, grads[0].dtype))
         beta1, beta2 = group["betas"]
         adamw_update(params, grads, m, v, steps, lr=group["lr"], beta1=beta1, beta2=beta2,
                      eps=group["eps"], weight_decay=group["weight_decay"])
@@ -354,6 +404,8 @@ class PairedOptimizer(torch.optim.Optimizer):
             out["groups"].append({"step": group["step"], "phase": self.phase(group), "pairs": pairs})
         out["skipped_steps"] = total_skipped
         out["phase"] = out["groups"][0]["phase"] if out["groups"] else None
+        if getattr(self, "last_grad_norm", None) is not None:  # the last step's clipping
+            out["grad_norm"], out["clip_coef"] = float(self.last_grad_norm), float(self.last_clip_coef)
         return out
 
     def phase(self, group: dict | None = None) -> str:

@@ -115,6 +115,8 @@ class ScaledGD(_Scaled):
         aux_*, on_nonfinite, linalg_dtype: see :class:`~altlora.optim.paired.PairedOptimizer`.
     """
 
+    lr_is_adam_scale = False  # aux_lr defaults to 1e-3, not lr
+
     def __init__(self, params: Any = None, lr: float = 1e-2, *, weight_decay: float = 0.0,
                  ridge: float = 1e-6, **kwargs: Any) -> None:
         super().__init__(params, dict(lr=lr), weight_decay=weight_decay, ridge=ridge, **kwargs)
