@@ -92,24 +92,27 @@ QUICK = {"arithmetic": {"methods": ["pretrained", "lora", "altlora_plus"], "suit
 
 #: main methods in the paper's row order; RUN_ORDER runs the ones the gap needs first
 MAIN = ("pretrained", "full", "lora", "pissa", "rslora", "lora_plus", "dora", "scaled_adamw", "lora_rite",
-        "lora_pro", "altlora", "altlora_plus")
-RUN_ORDER = ("pretrained", "lora", "full", "altlora", "altlora_plus", "lora_pro", "lora_rite", "lora_plus",
-             "scaled_adamw", "pissa", "rslora", "dora")
-#: learning-rate grids, best guess in the middle; --lr-grid-size K takes the K central values
-ADAM_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+        "lora_pro", "altlora", "altlora_plus", "altlora_rawclip")
+RUN_ORDER = ("pretrained", "lora", "full", "altlora", "altlora_plus", "altlora_rawclip", "lora_pro", "lora_rite",
+             "lora_plus", "scaled_adamw", "pissa", "rslora", "dora")
+#: learning-rate grids, four values each, best guess in the middle; --lr-grid-size K takes K central values
+ADAM_GRID = (1e-4, 3e-4, 1e-3, 3e-3)
 GRIDS = {
-    "full": (1e-5, 3e-5, 1e-4, 3e-4, 1e-3),
-    "lora_plus": (3e-5, 1e-4, 3e-4, 1e-3, 3e-3),   # B gets 16 x lr
-    "lora_pro": (3e-5, 1e-4, 3e-4, 1e-3, 3e-3),    # Adam on the full k x d gradient, like full FT
-    # no second moment: decades, higher (paper E.1). Its step is a projected, clipped gradient step
-    # in weight space, so the lr is not on Adam's per-entry scale: 1e-2 .. 10 are all plausible.
-    "altlora": (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0),
+    "full": (1e-5, 3e-5, 1e-4, 3e-4),
+    "lora_plus": (3e-5, 1e-4, 3e-4, 1e-3),   # B gets 16 x lr
+    "lora_pro": (3e-5, 1e-4, 3e-4, 1e-3),    # Adam on the full k x d gradient, like full FT
+    "lora_rite": (3e-5, 1e-4, 3e-4, 1e-3),   # 1e-3 and up diverge on arithmetic
+    # no second moment: its lr is a step size in weight space, clipped there (max_grad_norm)
+    "altlora": (0.1, 0.3, 1.0, 3.0),
+    # the clipping ablation: raw factor gradients clipped by the loop, as a Trainer does; its
+    # crushed steps need lrs up to 10 (the previous benchmark's choice on polarity)
+    "altlora_rawclip": (0.01, 0.1, 1.0, 10.0),
 }
-#: extra grid values a method gets when the grid has more than one (paper E.1: AltLoRA's is wider)
-WIDER = {"altlora": 2}
+#: main-table rows that are a method with other settings: name -> (method, Config values)
+MAIN_VARIANTS = {"altlora_rawclip": ("altlora", {"clip_in_optimizer": False})}
 SUITES = ("main", "ablations", "init")
-#: what a task spec (built in, or from --task-file) may hold
-SPEC_KEYS = ("paper", "about", "grid_shift", "methods", "suites", "config")
+#: what a task spec (built in, or from --task-file) may hold; "base": a task whose spec it extends
+SPEC_KEYS = ("base", "paper", "about", "grid_shift", "methods", "suites", "config")
 #: ablation suffix -> Config values (Table 9 rows; Table 2's rank rows)
 ABLATIONS = {"B-first": {"optim_args": {"first": "B"}}, "joint": {"optim_args": {"mode": "joint"}}, "r=32": {"r": 32}}
 ABLATED = ("altlora", "altlora_plus")
@@ -189,7 +192,10 @@ def parse_args() -> argparse.Namespace:
     except ConfigError as e:
         p.error(str(e))
     for name, spec in extra.items():
-        tasks[name] = merge(tasks.get(name, {}), spec)
+        base = spec.get("base")
+        if base is not None and base not in tasks:
+            p.error(f"{args.task_file}: task {name!r} extends unknown task {base!r}; known: {', '.join(tasks)}")
+        tasks[name] = merge(tasks.get(base or name, {}), spec)
     names = args.tasks.split(",") if args.tasks else list(tasks)
     unknown = [n for n in names if n not in tasks]
     if unknown:
@@ -235,10 +241,10 @@ class Variant:
 
 
 def grid(method: str, size: int, shift: int = 0) -> list[float]:
-    """``size`` central values of the method's grid (plus its ``WIDER`` extras when ``size`` > 1),
-    moved ``shift`` places up (a task's ``grid_shift``)."""
+    """``size`` central values of the method's (or main variant's) grid, moved ``shift`` places
+    up (a task's ``grid_shift``)."""
     values = GRIDS.get(method, ADAM_GRID)
-    size = min(size + WIDER.get(method, 0) * (size > 1), len(values))
+    size = min(size, len(values))
     start = min(max((len(values) - size + 1) // 2 + shift, 0), len(values) - size)
     return list(values[start:start + size])
 
@@ -248,7 +254,8 @@ def build_plan(args) -> list[Variant]:
     for task, spec in args.task_specs.items():
         suites, methods = args.suites & set(spec.get("suites", args.suites)), spec.get("methods", args.main)
         if "main" in suites:
-            plan += [Variant(task, m, m, "main") for m in RUN_ORDER if m in methods]
+            plan += [Variant(task, m, MAIN_VARIANTS.get(m, (m,))[0], "main", dict(MAIN_VARIANTS.get(m, (m, {}))[1]))
+                     for m in RUN_ORDER if m in methods]
         if "ablations" in suites:
             plan += [Variant(task, f"{m}/{a}", m, "ablations", ABLATIONS[a], lr_from=m)
                      for m in args.ablated for a in args.ablations]
@@ -264,8 +271,6 @@ def run_config(args, v: Variant, lr: float, seed: int) -> Config:
     values = {**COMMON, **spec["config"], **v.settings, "threads": args.threads, "seed": seed, "lr": lr,
               "optimizer": "lora" if v.method == "pretrained" else v.method}
     values["optim_args"] = dict(v.settings.get("optim_args", {}))
-    if v.method == "altlora":  # its high lr must not reach the AdamW-trained head: the Adam grid's centre
-        values["optim_args"]["aux_lr"] = grid("lora", 1, spec.get("grid_shift", 0))[0]
     if args.steps:
         values["max_steps"] = args.steps
     values["eval_every"] = values["max_steps"]  # the final model's validation score, nothing earlier
@@ -282,7 +287,8 @@ def parent(v: Variant) -> Variant:
 
 
 def task_grid(args, v: Variant) -> list[float]:
-    return grid(v.method, args.lr_grid_size, args.task_specs[v.task].get("grid_shift", 0))
+    return grid(v.name if v.name in GRIDS else v.method, args.lr_grid_size,
+                args.task_specs[v.task].get("grid_shift", 0))
 
 
 def task_kind(args, task: str) -> str:
@@ -470,8 +476,6 @@ def protocol(args) -> dict:
                        "methods": spec.get("methods", args.main), "suites": spec.get("suites", sorted(args.suites)),
                        "split_sizes": {"train": len(data.train), "val": len(data.val), "test": len(data.test)},
                        "grids": {m: task_grid(args, Variant(task, m, m, "main")) for m in args.main if m != "pretrained"},
-                       "altlora_aux_lr": run_config(args, Variant(task, "altlora", "altlora", "main"), 1e-2, 0
-                                                    ).optim_args["aux_lr"],
                        "config": {k: v for k, v in cfg.fields().items() if k not in ("output_dir", "overwrite", "lr",
                                                                                       "seed", "optimizer", "resume")}}
     return {"tasks": tasks, "seeds": args.seeds, "lr_grid_size": args.lr_grid_size, "suites": sorted(args.suites),
@@ -506,7 +510,7 @@ def markdown(args, report: dict) -> str:
                      f"{','.join(c['target_modules'])}, {c['lr_scheduler']} with {c['warmup_ratio']:.0%} warm-up, "
                      f"clip {c['max_grad_norm']:g}; split {sizes['train']} train / {sizes['val']} val / {sizes['test']} test; "
                      "lr grids: " + "; ".join(f"{m} {', '.join(f'{x:g}' for x in g)}" for m, g in t["grids"].items())
-                     + f" (AltLoRA's AdamW-trained extra tensors, e.g. a head: aux_lr {t['altlora_aux_lr']:g}).")
+                     + ".")
     for task, rows in agg.items():
         col = args.task_specs[task].get("paper") or "-"
         main = [m for m in MAIN if m in rows]

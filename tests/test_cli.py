@@ -322,6 +322,7 @@ def test_trainer_with_its_defaults_hands_clipping_to_the_optimizer(tiny, tmp_pat
                                 "max_steps": 3, "batch_size": 30, "r": 4, "lora_alpha": 8, "lr": 3.0,
                                 "val_size": 4, "test_size": 6, "eval_every": 0, "save_every": 0,
                                 "eval_before": False, "optimizer": "altlora", "warmup_ratio": 0.3,
+                                "warmup_starts_at_zero": True,  # the Trainer's schedule
                                 **({"max_grad_norm": clip} if clip else {})})
     train_mod.train(cfg, log=lambda s: None, progress_bar=False)
     loop = adapter_weights(out)
@@ -426,6 +427,30 @@ def test_config_yaml_cli_precedence_and_optim_notes_alias(tmp_path):
     assert resolve_config(a.config, {k: v for k, v in vars(a).items() if k in fields["train"]}).optimizer == "adamw"
 
 
+@pytest.mark.parametrize("text, value", [("1e-3", 1e-3), ("3E-4", 3e-4), (".5", 0.5), ("-2e+1", -20.0),
+                                         ("1_000", 1000), ("B", "B"), ("1e-3x", "1e-3x")])
+def test_numbers_are_read_as_people_write_them_everywhere(tmp_path, text, value):
+    """YAML 1.1 reads 1e-3 as a string; every place that takes a number takes it."""
+    from altlora.config import resolve_config
+
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(f"optim_args: {{aux_lr: {text}}}\n")
+    from_cli = resolve_config(None, {"optim_args": f"aux_lr={text}"}).optim_args["aux_lr"]
+    from_yaml = resolve_config(str(cfg_file), {}).optim_args["aux_lr"]
+    assert from_cli == from_yaml == value and type(from_cli) is type(value)
+    if isinstance(value, float) and value > 0:
+        assert resolve_config(None, {"lr": text}).lr == value
+        cfg_file.write_text(f"lr: {text}\n")
+        assert resolve_config(str(cfg_file), {}).lr == value
+
+
+def test_optim_args_numbers_reach_the_optimizer(tiny, tmp_path):
+    """`--optim_args aux_lr=1e-3` was refused ("aux_lr must be a number, got '1e-3'")."""
+    out = tmp_path / "run"
+    assert cli.main(args(tiny, out, "cls", "--optimizer", "altlora", "--lr", "0.3", "--max_steps", "1",
+                         "--optim_args", "aux_lr=1e-3,ridge=1E-6")) == 0
+
+
 def test_model_folder_without_weights(tiny, tmp_path, capsys):
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -472,3 +497,32 @@ def test_default_job_on_real_assets_improves(tmp_path):
                      "--target_modules", "query,key,value,dense", "--r", "8", "--lora_alpha", "16"]) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["after"]["accuracy"] > max(res["before"]["accuracy"], 0.6)
+
+
+@pytest.mark.parametrize("name, warmup_ratio", [("cosine", 0.3), ("linear", 0.3), ("constant_with_warmup", 0.3),
+                                                ("cosine", 0.0), ("constant", 0.3)])
+def test_warm_up_starts_above_zero_and_the_rest_of_the_schedule_is_unchanged(name, warmup_ratio):
+    from transformers import get_scheduler
+
+    from altlora.config import resolve_config
+
+    def lrs(starts_at_zero):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+        cfg = resolve_config(None, {"lr_scheduler": name, "warmup_ratio": warmup_ratio, "max_steps": 10,
+                                    "warmup_starts_at_zero": starts_at_zero})
+        sched = train_mod.make_scheduler(cfg, opt, 10)
+        out = []
+        for _ in range(10):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    ours, hf = lrs(False), lrs(True)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    ref = get_scheduler(name, opt, num_warmup_steps=math.ceil(warmup_ratio * 10), num_training_steps=10)
+    assert hf[0] == opt.param_groups[0]["lr"]  # starts_at_zero=True is transformers' schedule
+    warm = math.ceil(warmup_ratio * 10) if name != "constant" else 0
+    assert ours[:warm] == pytest.approx([2.0 * (t + 1) / (warm + 1) for t in range(warm)])
+    assert ours[warm:] == pytest.approx(hf[warm:])
+    assert all(x > 0 for x in ours[:-1]) and (warm == 0 or hf[0] == 0)

@@ -37,15 +37,15 @@ def finish(args, variant, lr, seed, *, val, val_loss, test):
                                                   "train_time_s": 3.0}))
 
 
-def test_grids_are_central_and_altlora_is_wider_and_higher():
-    assert quality.grid("lora", 2) == [1e-3, 3e-3]
-    assert quality.grid("lora", 3) == [3e-4, 1e-3, 3e-3]
-    assert quality.grid("lora", 2, shift=1) == [3e-3, 1e-2]
-    assert quality.grid("lora", 2, shift=9) == [3e-3, 1e-2]   # clamped to the grid's end
-    assert quality.grid("altlora", 2) == [1e-2, 1e-1, 1.0, 10.0]
-    assert quality.grid("altlora", 1) == [1.0]               # --quick: one value each
-    assert quality.grid("altlora", 5) == list(quality.GRIDS["altlora"])
-    assert min(quality.grid("altlora", 2)) > max(quality.grid("lora", 2))
+def test_grids_are_central_and_altlora_is_in_weight_space_units():
+    assert quality.grid("lora", 4) == [1e-4, 3e-4, 1e-3, 3e-3]
+    assert quality.grid("lora", 2) == [3e-4, 1e-3]
+    assert quality.grid("lora", 1) == [1e-3]                  # --quick: the central value
+    assert quality.grid("lora", 2, shift=1) == [1e-3, 3e-3]
+    assert quality.grid("lora", 2, shift=9) == [1e-3, 3e-3]   # clamped to the grid's end
+    assert quality.grid("altlora", 9) == list(quality.GRIDS["altlora"])
+    assert min(quality.grid("altlora", 4)) > max(quality.grid("lora", 4))
+    assert quality.grid("altlora_rawclip", 4) == [0.01, 0.1, 1.0, 10.0]  # a main variant's own grid
 
 
 def test_gap_closed_needs_full_to_beat_lora_by_more_than_the_noise():
@@ -64,7 +64,7 @@ def test_plan_counts_grids_seeds_ablations_and_inits(make_args):
     runner = quality.Runner(args, train=False, log=lambda m: None)
     by_name = {v.name: v for v in plan}
     assert runner.planned(by_name["lora"]) == 2 + 3 - 1        # grid, then seeds 1 and 2
-    assert runner.planned(by_name["altlora"]) == 4 + 3 - 1
+    assert runner.planned(by_name["altlora"]) == 2 + 3 - 1
     assert runner.planned(by_name["altlora/B-first"]) == 3     # reuses altlora's lr
     assert by_name["altlora/B-first"].settings == {"optim_args": {"first": "B"}}
 
@@ -74,14 +74,14 @@ def test_selection_resume_and_aggregate(make_args, monkeypatch):
                      "--lr-grid-size", "2")
     (v,) = quality.build_plan(args)
     # a tie on validation accuracy goes to the lower validation loss
-    finish(args, v, 1e-3, 0, val=0.70, val_loss=0.50, test=0.71)
-    finish(args, v, 3e-3, 0, val=0.70, val_loss=0.40, test=0.74)
-    finish(args, v, 3e-3, 1, val=0.60, val_loss=0.45, test=0.70)
+    finish(args, v, 3e-4, 0, val=0.70, val_loss=0.50, test=0.71)
+    finish(args, v, 1e-3, 0, val=0.70, val_loss=0.40, test=0.74)
+    finish(args, v, 1e-3, 1, val=0.60, val_loss=0.45, test=0.70)
 
     import altlora.train
     monkeypatch.setattr(altlora.train, "train", lambda *a, **k: pytest.fail("a finished run was retrained"))
     runner = quality.Runner(args, train=True, log=lambda m: None)
-    assert runner.variant(v) == pytest.approx(3e-3)
+    assert runner.variant(v) == pytest.approx(1e-3)
     assert [r["status"] for r in runner.runs] == ["done"] * 3
 
     row = quality.aggregate(args, [v], runner)["polarity"]["lora"]
@@ -95,7 +95,7 @@ def test_missing_grid_run_leaves_the_variant_pending(make_args):
     args = make_args("--tasks", "polarity", "--methods", "lora", "--suite", "main", "--seeds", "2",
                      "--lr-grid-size", "2", "--report-only")
     (v,) = quality.build_plan(args)
-    finish(args, v, 1e-3, 0, val=0.70, val_loss=0.50, test=0.71)
+    finish(args, v, 3e-4, 0, val=0.70, val_loss=0.50, test=0.71)
     runner = quality.Runner(args, train=False, log=lambda m: None)
     assert runner.variant(v) is None                            # no lr is chosen on half a grid
     assert [r["status"] for r in runner.runs] == ["done", "pending"]
@@ -106,7 +106,8 @@ def test_missing_grid_run_leaves_the_variant_pending(make_args):
     (None, "does not exist"),
     ("polarity: {config: {max_steps: 5}\n", "not valid YAML"),
     ("- polarity\n", "expected a mapping of task names"),
-    ("polarity: {paperr: SST-2}\n", "unknown key(s) ['paperr']; valid: paper"),
+    ("polarity: {paperr: SST-2}\n", "unknown key(s) ['paperr']; valid: base, paper"),
+    ("big: {base: polarty}\n", "task 'big' extends unknown task 'polarty'"),
     ("polarity: {methods: [lora, altlora_pls]}\n", "unknown methods ['altlora_pls']"),
     ("polarity: {config: {max_stepz: 5}}\n", "unknown config key 'max_stepz'. Did you mean 'max_steps'"),
     ("polarity: {config: {max_steps: many}}\n", "max_steps must be"),
@@ -130,3 +131,13 @@ def test_bad_flags_list_the_valid_values(make_args, capsys, flag, value, message
     with pytest.raises(SystemExit):
         make_args(flag, value)
     assert message in capsys.readouterr().err
+
+
+def test_a_task_file_task_can_extend_a_built_in_one(make_args, tmp_path):
+    """Two budgets of one task: the second inherits the built-in spec and changes the steps."""
+    path = tmp_path / "tasks.yaml"
+    path.write_text("polarity_800: {base: polarity, suites: [main], config: {max_steps: 800, lr_scheduler: linear}}\n")
+    args = make_args("--task-file", str(path), "--tasks", "polarity,polarity_800")
+    big, small = args.task_specs["polarity_800"], args.task_specs["polarity"]
+    assert big["config"] == {**small["config"], "max_steps": 800, "lr_scheduler": "linear"}
+    assert big["paper"] == "SST-2" and big["suites"] == ["main"]

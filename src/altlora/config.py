@@ -105,6 +105,8 @@ class Config:
                                  "AltLoRA+) take max_grad_norm; false: the loop clips raw gradients, as the Trainer does")
     lr_scheduler: str = _f("cosine", "optim", "transformers scheduler name: cosine, linear, constant_with_warmup, ...")
     warmup_ratio: float = _f(0.05, "optim", "fraction of the steps spent warming up")
+    warmup_starts_at_zero: bool = _f(False, "optim", "true: the first warm-up step has lr 0, as in transformers' "
+                                     "schedules; false: (t+1)/(W+1) of the peak at warm-up step t")
     init_batches: int = _f(4, "optim", "training micro-batches that gradient-based inits (lora_ga) estimate from")
     # training
     output_dir: str = _f("", "train", "where everything is written (empty: runs/<task>-<optimizer>)")

@@ -57,8 +57,30 @@ def train(cfg: Config, log: Callable[[str], None] = print, progress_bar: bool = 
         launch.teardown(d)
 
 
+def make_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, total: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """The transformers schedule ``cfg.lr_scheduler`` with ``warmup_ratio`` of the steps warming up.
+
+    Its warm-up starts at lr 0, so the first optimizer step moves nothing (for AltLoRA started
+    on B = 0 that wastes two half-steps: B at lr 0, then A with B still 0). Unless
+    ``warmup_starts_at_zero``, step t < W of a warm-up uses (t + 1) / (W + 1) of the peak
+    (nanoGPT's formula); the rest of the schedule is unchanged.
+    """
+    from transformers import get_scheduler
+
+    warm = math.ceil(cfg.warmup_ratio * total)
+    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=warm, num_training_steps=total)
+    shapes = getattr(scheduler, "lr_lambdas", [])
+    if cfg.warmup_starts_at_zero or not warm or not shapes or any(f(0) != 0 for f in shapes):
+        return scheduler
+
+    def from_first_step(f: Callable[[int], float]) -> Callable[[int], float]:
+        return lambda t: (t + 1) / (warm + 1) if t < warm else f(t)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [from_first_step(f) for f in shapes])
+
+
 def _train(cfg: Config, d: launch.Dist, log: Callable[[str], None], progress_bar: bool) -> dict[str, Any]:
-    from transformers import get_scheduler, set_seed
+    from transformers import set_seed
 
     if cfg.batch_size < d.world:
         raise ConfigError(f"batch_size {cfg.batch_size} cannot be split across {d.world} processes")
@@ -109,8 +131,7 @@ def _train(cfg: Config, d: launch.Dist, log: Callable[[str], None], progress_bar
     except (TypeError, ValueError) as e:  # a misspelt or out-of-range optim_args entry
         raise ConfigError(f"method {method.name!r} rejects lr={cfg.lr} with optim_args {hp}: {e}. Its "
                           f"hyperparameters: {', '.join(method.hyperparameters())}") from None
-    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * total),
-                              num_training_steps=total)
+    scheduler = make_scheduler(cfg, optimizer, total)
     net = model
     if d.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
