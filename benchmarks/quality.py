@@ -28,7 +28,8 @@ Runs live in ``--run-root`` (default runs/quality/, gitignored), one folder per 
 ``<task>/<variant>/lr<lr>-s<seed>-<hash of the resolved config>``; a folder with results.json is
 skipped, so the runner can be stopped and started again (a run cut short restarts). A progress bar
 counts all planned runs with an ETA. ``--stop-after MIN`` starts no new run after MIN minutes;
-``--report-only`` only aggregates. Each training seeds torch with the run's seed first, so the fresh
+``--report-only`` only aggregates; ``--reuse quality.json`` counts the runs an earlier session recorded
+there as finished, so the protocol can be completed over several sessions. Each training seeds torch with the run's seed first, so the fresh
 classification head (created before ``train`` seeds its RNG) depends on the seed only.
 
   python benchmarks/quality.py                      # the full protocol (many CPU hours)
@@ -110,12 +111,21 @@ GRIDS = {
 }
 #: main-table rows that are a method with other settings: name -> (method, Config values)
 MAIN_VARIANTS = {"altlora_rawclip": ("altlora", {"clip_in_optimizer": False})}
-SUITES = ("main", "ablations", "init")
+SUITES = ("main", "ablations", "init", "stack")
 #: what a task spec (built in, or from --task-file) may hold; "base": a task whose spec it extends
 SPEC_KEYS = ("base", "paper", "about", "grid_shift", "methods", "suites", "config")
 #: ablation suffix -> Config values (Table 9 rows; Table 2's rank rows)
 ABLATIONS = {"B-first": {"optim_args": {"first": "B"}}, "joint": {"optim_args": {"mode": "joint"}}, "r=32": {"r": 32}}
 ABLATED = ("altlora", "altlora_plus")
+#: suite "stack": AltLoRA's and AltLoRA+'s training-stack defaults, each changed on its own (lr of
+#: the main row): label -> (Config values, what the shipped default is)
+STACK = {
+    "first=A": ({"optim_args": {"first": "A"}}, "first='auto': B first from PEFT's B = 0"),
+    "warm-up from lr 0": ({"warmup_starts_at_zero": True}, "warm-up step t at (t+1)/(W+1) of the peak"),
+    "no clipping": ({"max_grad_norm": 0.0}, "the full-weight step clipped at 1"),
+    "joint updates": ({"optim_args": {"mode": "joint"}}, "alternating: each factor every other step"),
+    "bias correction": ({"optim_args": {"bias_correction": "both"}}, "no bias correction (Algorithms 1-2)"),
+}
 INITS = ("gaussian/zero", "zero/gaussian", "kaiming/zero", "zero/kaiming", "spectral/zero", "zero/spectral")
 DEFAULT_INIT = "kaiming/zero"  # PEFT's default: the main row
 INIT_METHODS = ("lora", "altlora", "altlora_plus")
@@ -176,13 +186,15 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--methods", default=",".join(MAIN), help="main methods to run (comma list)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per reported result")
     p.add_argument("--steps", type=int, default=0, help="optimizer steps for every task (0: each task's own)")
-    p.add_argument("--lr-grid-size", type=int, default=3, help="learning rates per method grid (1-5)")
+    p.add_argument("--lr-grid-size", type=int, default=4, help="learning rates per method grid (1-4)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--run-root", default=None, help="run folders (default runs/quality; --quick: OUT_DIR/runs)")
     p.add_argument("--out-dir", default=None, help="where quality.json/.md/.png go (default benchmarks/results; "
                                                    "--quick: a new temporary folder)")
     p.add_argument("--stop-after", type=float, default=0, help="start no new run after this many minutes (0: never)")
     p.add_argument("--report-only", action="store_true", help="train nothing; aggregate the finished runs")
+    p.add_argument("--reuse", action="append", default=[], metavar="QUALITY_JSON",
+                   help="count the finished runs recorded in this quality.json (an earlier session's) as done")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: tiny budgets, 1 seed, 1 lr, a few methods, one ablation and one init")
     args = p.parse_args()
@@ -217,8 +229,8 @@ def parse_args() -> argparse.Namespace:
         bad = [x for x in given if x not in valid]
         if bad:
             p.error(f"{flag}: unknown {bad}; valid: {', '.join(valid)}")
-    if not 1 <= args.lr_grid_size <= 5 or args.seeds < 1:
-        p.error("--lr-grid-size must be 1-5 and --seeds at least 1")
+    if not 1 <= args.lr_grid_size <= 4 or args.seeds < 1:
+        p.error("--lr-grid-size must be 1-4 and --seeds at least 1")
     for task in args.task_specs:  # a bad config key or value fails here, not in every run
         try:
             run_config(args, Variant(task, "lora", "lora", "main"), 1e-3, 0)
@@ -262,6 +274,9 @@ def build_plan(args) -> list[Variant]:
         if "init" in suites:
             plan += [Variant(task, f"{m}/init={i}", m, "init", {"lora_init": i}, lr_from=m)
                      for m in args.init_methods for i in args.inits]
+        if "stack" in suites:
+            plan += [Variant(task, f"{m}/{label}", m, "stack", settings, lr_from=m)
+                     for m in args.ablated for label, (settings, _) in STACK.items()]
     return plan
 
 
@@ -298,11 +313,28 @@ def task_kind(args, task: str) -> str:
 
 
 # ---------------------------------------------------------------------------- running
+#: finished runs of earlier sessions (``--reuse``), keyed by task/variant/run folder name
+REUSED: dict[str, dict] = {}
+
+
+def run_key(folder: str | Path) -> str:
+    return "/".join(Path(folder).parts[-3:])
+
+
+def reuse(path: str) -> int:
+    """Take the finished runs recorded in a quality.json as finished here; returns their count."""
+    runs = [r for r in json.loads(Path(path).read_text())["runs"] if r["status"] == "done"]
+    REUSED.update({run_key(r["folder"]): r for r in runs})
+    return len(runs)
+
+
 def read_run(cfg: Config) -> dict | None:
-    """Scores of a finished run (None if it has no results.json)."""
+    """Scores of a finished run (None if it has no results.json and was not reused)."""
     out = Path(cfg.output_dir)
     if not (out / "results.json").is_file():
-        return None
+        old = REUSED.get(run_key(out))
+        return None if old is None else {k: old[k] for k in ("lr", "seed", "metric", "val", "val_loss", "test",
+                                                              "finite", "train_time_s")} | {"folder": str(out)}
     res = json.loads((out / "results.json").read_text())
     metric = res["metric"]
     if "val" in res:  # pretrained: written by evaluate_pretrained
@@ -442,6 +474,7 @@ def aggregate(args, plan: list[Variant], runner: Runner) -> dict:
             "grid": {f"{r['lr']:g}": {"val": r.get("val"), "val_loss": r.get("val_loss"), "finite": r.get("finite")}
                      for r in rows if r["stage"] == "grid"},
             "test_by_seed": {r["seed"]: 100 * r["test"] for r in chosen}, "mean": m, "std": s, "n": len(tests),
+            "val_loss": mean_std([r["val_loss"] for r in chosen if r["finite"] and math.isfinite(r["val_loss"])])[0],
             "seeds_planned": len(runner.seeds(v)),
             "nonfinite_seeds": [r["seed"] for r in chosen if not r["finite"]],
             "train_time_s": statistics.fmean(r["train_time_s"] for r in chosen) if chosen else None,
@@ -516,11 +549,12 @@ def markdown(args, report: dict) -> str:
         main = [m for m in MAIN if m in rows]
         if main:
             lines += ["", f"## {task}: main methods (paper: {'Table 2, Llama-3.1-8B' if col == 'GSM8K' else 'Table 4, T5-base'} {col})", "",
-                      f"| Method | lr | ours (%) | gap closed | paper {col} | paper gap closed | train s/run |",
-                      "|---|---:|---:|---:|---:|---:|---:|"]
+                      f"| Method | lr | ours (%) | val. loss | gap closed | paper {col} | paper gap closed | train s/run |",
+                      "|---|---:|---:|---:|---:|---:|---:|---:|"]
             for m in main:
                 r = rows[m]
-                lines.append(f"| {m} | {num(r['lr'] or None, '{:g}')} | {pm(r)} | {num(r['gap_closed'])} | "
+                lines.append(f"| {m} | {num(r['lr'] or None, '{:g}')} | {pm(r)} | {num(r['val_loss'], '{:.3f}')} | "
+                             f"{num(r['gap_closed'])} | "
                              f"{num(r['paper'])} | {num(r['paper_gap_closed'])} | {num(r['train_time_s'] or None, '{:.0f}')} |")
             width = max(len(rows[m]["grid"]) for m in main)
             lines += ["", "Validation score (%) of seed 0 over each grid (* chosen):", "",
@@ -544,6 +578,16 @@ def markdown(args, report: dict) -> str:
                                   ("Joint update", "/joint"), ("r = 32", "/r=32")):
                 cells = [f"{pm(rows.get(m + suffix))} | {num(PAPER['GSM8K'].get(m + suffix))}" for m in ABLATED]
                 lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        if any(r["suite"] == "stack" for r in extra):
+            lines += ["", f"## {task}: training-stack defaults, each changed on its own (lr of the main row)", "",
+                      "| Variant | shipped default | AltLoRA | val. loss | AltLoRA+ | val. loss |",
+                      "|---|---|---:|---:|---:|---:|",
+                      "| as shipped | | " + " | ".join(f"{pm(rows.get(m))} | {num(rows.get(m, {}).get('val_loss'), '{:.3f}')}"
+                                                      for m in ABLATED) + " |"]
+            for label, (_, default) in STACK.items():
+                cells = [f"{pm(rows.get(f'{m}/{label}'))} | {num(rows.get(f'{m}/{label}', {}).get('val_loss'), '{:.3f}')}"
+                         for m in ABLATED]
+                lines.append(f"| {label} | {default} | " + " | ".join(cells) + " |")
         if any(r["suite"] == "init" for r in extra):
             lines += ["", f"## {task}: initialisation (Table 11; paper: GSM8K, Llama-3.1-8B)", "",
                       "| A init | B init | LoRA | paper | AltLoRA | paper | AltLoRA+ | paper |",
@@ -557,7 +601,7 @@ def markdown(args, report: dict) -> str:
     pending = []
     for task, rows in agg.items():
         todo = [n for n, r in rows.items() if r["pending_runs"] and r["suite"] == "main"]
-        for suite in ("ablations", "init"):
+        for suite in ("ablations", "init", "stack"):
             variants = [r for r in rows.values() if r["suite"] == suite]
             if any(r["pending_runs"] for r in variants):
                 todo.append(f"{suite} ({sum(not r['pending_runs'] for r in variants)}/{len(variants)} variants complete)")
@@ -601,6 +645,8 @@ def main() -> int:
         log_file.flush()
 
     torch.set_num_threads(args.threads)
+    for path in args.reuse:
+        log(f"reused {reuse(path)} finished runs from {path}")
     plan = build_plan(args)
     dry = Runner(args, train=False, log=log)  # count what is already finished
     for v in plan:

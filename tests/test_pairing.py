@@ -455,8 +455,8 @@ def test_scaling_change_is_read_at_step_time(how):
         with torch.no_grad():
             p.B.copy_(torch.randn(p.B.shape, generator=gen, dtype=p.B.dtype))  # B != 0 so its Gram is well conditioned
     model2 = copy.deepcopy(model1)
-    opt1 = AltLoRA(model1, lr=1e-2, first="A")
-    opt2 = AltLoRA(model2, lr=1e-2, first="A")
+    opt1 = AltLoRA(model1, lr=1e-2, convention="paper")
+    opt2 = AltLoRA(model2, lr=1e-2, convention="paper")
     assert opt2.param_groups[0]["scaling"] == [2.0] * 4
 
     layers2 = [m for m in model2.modules() if isinstance(m, LoraLayer)]

@@ -141,3 +141,21 @@ def test_a_task_file_task_can_extend_a_built_in_one(make_args, tmp_path):
     big, small = args.task_specs["polarity_800"], args.task_specs["polarity"]
     assert big["config"] == {**small["config"], "max_steps": 800, "lr_scheduler": "linear"}
     assert big["paper"] == "SST-2" and big["suites"] == ["main"]
+
+
+def test_runs_recorded_by_an_earlier_session_are_reused(make_args, tmp_path, monkeypatch):
+    args = make_args("--tasks", "polarity", "--methods", "lora", "--suite", "main", "--seeds", "1",
+                     "--lr-grid-size", "2", "--report-only")
+    (v,) = quality.build_plan(args)
+    finish(args, v, 3e-4, 0, val=0.70, val_loss=0.50, test=0.71)
+    finish(args, v, 1e-3, 0, val=0.75, val_loss=0.40, test=0.74)
+    runner = quality.Runner(args, train=False, log=lambda m: None)
+    runner.variant(v)
+    saved = tmp_path / "quality.json"
+    saved.write_text(json.dumps({"runs": runner.runs}))
+    monkeypatch.setattr(quality, "REUSED", {})
+    args.run_root = tmp_path / "elsewhere"  # a new session: no run folders
+    assert quality.reuse(str(saved)) == 2
+    runner = quality.Runner(args, train=False, log=lambda m: None)
+    assert runner.variant(v) == pytest.approx(1e-3)
+    assert quality.aggregate(args, [v], runner)["polarity"]["lora"]["mean"] == pytest.approx(74.0)

@@ -14,8 +14,9 @@ ETA = 0.05
 
 
 def make(cls, prob, s, transform=False, **kw):
+    """The optimizer as the paper prints it (A first, no clipping), unless ``kw`` says otherwise."""
     A, B = prob.params(s, transform)
-    return A, B, cls(pairs=[(A, B, s)], lr=kw.pop("lr", ETA), **kw)
+    return A, B, cls(pairs=[(A, B, s)], lr=kw.pop("lr", ETA), convention=kw.pop("convention", "paper"), **kw)
 
 
 def step(prob, A, B, s, opt):
@@ -59,7 +60,7 @@ def test_equation9_induced_update_is_projected_gradient_and_independent_of_s():
     for s in (0.5, 2.0, 4.0):
         A = torch.nn.Parameter(prob.A0.clone())
         B = torch.nn.Parameter(prob.B0 * (2.0 / s))  # same W for every s
-        opt = AltLoRA(pairs=[(A, B, s)], lr=ETA, beta1=0.0, ridge=0.0)
+        opt = AltLoRA(pairs=[(A, B, s)], lr=ETA, beta1=0.0, ridge=0.0, convention="paper")
         W_t = prob.W(A, B, s).detach()
         G_t = prob.full_grad(A.detach(), B.detach(), s)
         Bt = B.detach().clone()
@@ -240,7 +241,7 @@ def test_float32_step_is_as_accurate_as_a_direct_cholesky_solve(factor):
     direct = torch.cholesky_solve(G.float(), torch.linalg.cholesky(K.float())).double() / s**2
 
     A32, B32 = torch.nn.Parameter(A.float()), torch.nn.Parameter(B.float())
-    opt = AltLoRA(pairs=[(A32, B32, s)], lr=1.0, beta1=0.0, ridge=ridge, first=factor)
+    opt = AltLoRA(pairs=[(A32, B32, s)], lr=1.0, beta1=0.0, ridge=ridge, first=factor, convention="paper")
     active = A32 if factor == "A" else B32
     active.grad = grad.float()
     opt.step()
@@ -248,3 +249,19 @@ def test_float32_step_is_as_accurate_as_a_direct_cholesky_solve(factor):
     ours = ours if factor == "A" else ours.T
     assert rel(direct, exact) > 1e-6  # hard enough for float32 to show
     assert rel(ours, exact) < 3 * rel(direct, exact)
+
+
+@pytest.mark.parametrize("first", ["A", "B"])
+def test_relative_ridge_is_lambda_plus_rho_times_the_mean_eigenvalue(first):
+    prob, s, rho = Problem(), 2.0, 0.05
+    A, B, opt = make(AltLoRA, prob, s, beta1=0.0, ridge=1e-6, relative_ridge=rho, first=first)
+    A0, B0 = A.detach().clone(), B.detach().clone()
+    G = prob.full_grad(A0, B0, s)
+    step(prob, A, B, s, opt)
+    Y = B0.T if first == "A" else A0
+    gram = Y @ Y.T
+    K = gram + (1e-6 + rho * gram.trace() / 3) * torch.eye(3, dtype=DT)
+    grad = s * B0.T @ G if first == "A" else (s * G @ A0.T).T
+    expected = -ETA * torch.linalg.solve(K, grad) / s**2      # rank-first
+    got = (A.detach() - A0) if first == "A" else (B.detach() - B0).T
+    assert rel(got, expected) < 1e-12  # float64; K's condition number is below 1/rho

@@ -59,23 +59,22 @@ class ClipHandoverCallback(TrainerCallback):
     The Trainer clips the raw gradients of every parameter to ``args.max_grad_norm`` (1.0 by
     default) before ``optimizer.step()``. AltLoRA's step is a projected-gradient step in weight
     space, so that clip scales the step directly, by whichever factor's gradient is larger, and
-    breaks its transformation invariance. At the start of training this callback gives the
-    value to such an optimizer (``optimizer.max_grad_norm``: the norm of the full-weight step of
-    each pair, see :func:`altlora.optim.altlora.lifted_sq_norms`) and sets the Trainer's to 0,
-    saying so once in the log. An optimizer given its own ``max_grad_norm`` keeps it; other
-    optimizers keep the Trainer's clipping.
+    breaks its transformation invariance. At the start of training this callback moves the
+    Trainer's value to such an optimizer (``optimizer.max_grad_norm``: the norm of the
+    full-weight step of each pair, see :func:`altlora.optim.altlora.lifted_sq_norms`; 0 turns
+    its clipping off too) and sets the Trainer's to 0, saying so once in the log: the
+    Trainer's ``max_grad_norm`` stays the one clipping setting. Other optimizers keep the
+    Trainer's clipping.
     """
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         opt = unwrap_optimizer(optimizer) if optimizer is not None else None
-        if not getattr(opt, "clips_in_own_geometry", False) or not args.max_grad_norm or args.max_grad_norm <= 0:
+        if not getattr(opt, "clips_in_own_geometry", False):
             return
-        if opt.max_grad_norm is None:
-            opt.max_grad_norm = float(args.max_grad_norm)
+        opt.max_grad_norm = float(args.max_grad_norm) if args.max_grad_norm and args.max_grad_norm > 0 else None
         logger.warning(
             "altlora: TrainingArguments.max_grad_norm=%g handed to %s, which clips the full-weight step of each "
-            "LoRA pair (max_grad_norm=%g); the Trainer's clipping of raw gradients is off",
-            args.max_grad_norm, type(opt).__name__, opt.max_grad_norm)
+            "LoRA pair; the Trainer's clipping of raw gradients is off", args.max_grad_norm, type(opt).__name__)
         args.max_grad_norm = 0.0
 
 

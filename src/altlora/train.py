@@ -123,8 +123,8 @@ def _train(cfg: Config, d: launch.Dist, log: Callable[[str], None], progress_bar
     # gradients would scale the step by whichever factor's gradient is larger, so it clips the
     # full-weight step itself; every other method gets the usual clipping of raw gradients.
     own_clip = cfg.clip_in_optimizer and method.clips_in_own_geometry
-    if own_clip and cfg.max_grad_norm > 0:
-        hp.setdefault("max_grad_norm", cfg.max_grad_norm)
+    if method.clips_in_own_geometry:  # 0 turns the optimizer's own clipping off
+        hp.setdefault("max_grad_norm", cfg.max_grad_norm if own_clip else 0.0)
     loop_clip = 0.0 if own_clip else cfg.max_grad_norm
     try:
         optimizer = method.create_optimizer(model, lr=cfg.lr, **hp)

@@ -34,11 +34,15 @@ _OTHER = {"A": "B", "B": "A"}
 # larger ones go per pair (stacking copies cost more). Measured by benchmarks/optimizer_step.py.
 _BATCH_BELOW = 16384
 _CONVENTIONS = {
-    # paper: Algorithms 1-2 as printed (1/s^2 scaled gradients, no bias correction)
-    "paper": dict(divide_by_scaling_sq=True, bias_correction="none"),
+    # this library's defaults: the paper's algorithms, started on the factor whose gradient is
+    # not zero and clipped in weight space at 1 (measured in BENCHMARKS.md, section 7)
+    "default": dict(divide_by_scaling_sq=True, bias_correction="none", first="auto", max_grad_norm=1.0),
+    # paper: Algorithms 1-2 as printed (1/s^2 scaled gradients, no bias correction, A first,
+    # no clipping)
+    "paper": dict(divide_by_scaling_sq=True, bias_correction="none", first="A", max_grad_norm=None),
     # released code (LucasXinYu/AltLoRA @ 94b2198): no 1/s^2, first-moment bias correction.
     # Use it to transfer the paper's published learning rates.
-    "released_code": dict(divide_by_scaling_sq=False, bias_correction="first"),
+    "released_code": dict(divide_by_scaling_sq=False, bias_correction="first", first="A", max_grad_norm=None),
 }
 
 
@@ -215,11 +219,18 @@ class _AltLoRABase(PairedOptimizer):
     _second_moment = False
     clips_in_own_geometry = True  # max_grad_norm: see lifted_sq_norms
 
-    def __init__(self, params: Any, lora_options: dict, *, switch_every: int, first: str,
+    def __init__(self, params: Any, lora_options: dict, *, switch_every: int, first: str | None,
                  mode: str, convention: str, divide_by_scaling_sq: bool | None,
                  bias_correction: str | bool | None, weight_decay: float, ridge: float,
                  relative_ridge: float, max_grad_norm: float | None, batched: bool | None,
                  **kwargs: Any) -> None:
+        if convention not in _CONVENTIONS:
+            raise ValueError(f"convention must be one of {sorted(_CONVENTIONS)}, got {convention!r}")
+        preset = _CONVENTIONS[convention]  # fills every option left at None
+        first = preset["first"] if first is None else first
+        max_grad_norm = preset["max_grad_norm"] if max_grad_norm is None else max_grad_norm
+        divide_by_scaling_sq = preset["divide_by_scaling_sq"] if divide_by_scaling_sq is None else divide_by_scaling_sq
+        bias_correction = preset["bias_correction"] if bias_correction is None else bias_correction
         if not isinstance(switch_every, int) or switch_every < 1:
             raise ValueError(f"switch_every must be an integer >= 1, got {switch_every!r}")
         if first not in ("A", "B", "auto"):
@@ -231,15 +242,8 @@ class _AltLoRABase(PairedOptimizer):
             raise ValueError(f"batched must be None (automatic), True or False, got {batched!r}")
         if mode not in ("alternating", "joint"):
             raise ValueError(f"mode must be 'alternating' or 'joint', got {mode!r}")
-        if convention not in _CONVENTIONS:
-            raise ValueError(f"convention must be one of {sorted(_CONVENTIONS)}, got {convention!r}")
         _check_range("weight_decay", weight_decay, 0.0, None)
         _check_range("ridge", ridge, 0.0, None)
-        preset = _CONVENTIONS[convention]
-        if divide_by_scaling_sq is None:
-            divide_by_scaling_sq = preset["divide_by_scaling_sq"]
-        if bias_correction is None:
-            bias_correction = preset["bias_correction"]
         bias_correction = {True: "both", False: "none"}.get(bias_correction, bias_correction)
         if bias_correction not in ("none", "first", "both"):
             raise ValueError(f"bias_correction must be 'none', 'first' or 'both', got {bias_correction!r}")
@@ -465,10 +469,10 @@ class AltLoRA(_AltLoRABase):
 
     lr_is_adam_scale = False  # aux_lr defaults to 1e-3, not lr
 
-    def __init__(self, params: Any = None, lr: float = 1e-3, *, beta1: float = 0.9,
+    def __init__(self, params: Any = None, lr: float = 0.3, *, beta1: float = 0.9,
                  weight_decay: float = 0.0, ridge: float = 1e-6, relative_ridge: float = 0.0,
                  max_grad_norm: float | None = None, switch_every: int = 1,
-                 first: str = "A", mode: str = "alternating", convention: str = "paper",
+                 first: str | None = None, mode: str = "alternating", convention: str = "default",
                  divide_by_scaling_sq: bool | None = None,
                  bias_correction: str | bool | None = None, batched: bool | None = None,
                  **kwargs: Any) -> None:
@@ -495,11 +499,11 @@ class AltLoRAPlus(_AltLoRABase):
 
     _second_moment = True
 
-    def __init__(self, params: Any = None, lr: float = 1e-4, *, betas: tuple[float, float] = (0.9, 0.999),
+    def __init__(self, params: Any = None, lr: float = 1e-3, *, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, ridge: float = 1e-6,
                  relative_ridge: float = 0.0, max_grad_norm: float | None = None,
-                 switch_every: int = 1, first: str = "A", mode: str = "alternating",
-                 convention: str = "paper", divide_by_scaling_sq: bool | None = None,
+                 switch_every: int = 1, first: str | None = None, mode: str = "alternating",
+                 convention: str = "default", divide_by_scaling_sq: bool | None = None,
                  bias_correction: str | bool | None = None, batched: bool | None = None,
                  **kwargs: Any) -> None:
         _check_betas("betas", betas)
