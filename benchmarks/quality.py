@@ -597,7 +597,7 @@ def markdown(args, report: dict) -> str:
                 cells = [f"{pm(rows.get(n))} | {num(PAPER['GSM8K'].get(f'{m}/init={init}'))}"
                          for n, m in zip(names, INIT_METHODS)]
                 lines.append(f"| {' | '.join(init.split('/'))} | " + " | ".join(cells) + " |")
-            lines.append(f"\nKaiming/zero is PEFT's default init: our row repeats the main rows.")
+            lines.append("\nKaiming/zero is PEFT's default init: our row repeats the main rows.")
     pending = []
     for task, rows in agg.items():
         todo = [n for n, r in rows.items() if r["pending_runs"] and r["suite"] == "main"]

@@ -506,11 +506,9 @@ def test_warm_up_starts_above_zero_and_the_rest_of_the_schedule_is_unchanged(nam
 
     from altlora.config import resolve_config
 
-    def lrs(starts_at_zero):
+    def lrs(make):
         opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
-        cfg = resolve_config(None, {"lr_scheduler": name, "warmup_ratio": warmup_ratio, "max_steps": 10,
-                                    "warmup_starts_at_zero": starts_at_zero})
-        sched = train_mod.make_scheduler(cfg, opt, 10)
+        sched = make(opt)
         out = []
         for _ in range(10):
             out.append(opt.param_groups[0]["lr"])
@@ -518,10 +516,14 @@ def test_warm_up_starts_above_zero_and_the_rest_of_the_schedule_is_unchanged(nam
             sched.step()
         return out
 
-    ours, hf = lrs(False), lrs(True)
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
-    ref = get_scheduler(name, opt, num_warmup_steps=math.ceil(warmup_ratio * 10), num_training_steps=10)
-    assert hf[0] == opt.param_groups[0]["lr"]  # starts_at_zero=True is transformers' schedule
+    def ours_with(starts_at_zero):
+        cfg = resolve_config(None, {"lr_scheduler": name, "warmup_ratio": warmup_ratio, "max_steps": 10,
+                                    "warmup_starts_at_zero": starts_at_zero})
+        return lambda opt: train_mod.make_scheduler(cfg, opt, 10)
+
+    ours, hf = lrs(ours_with(False)), lrs(ours_with(True))
+    assert hf == lrs(lambda opt: get_scheduler(name, opt, num_warmup_steps=math.ceil(warmup_ratio * 10),
+                                               num_training_steps=10))  # starts_at_zero: transformers' own
     warm = math.ceil(warmup_ratio * 10) if name != "constant" else 0
     assert ours[:warm] == pytest.approx([2.0 * (t + 1) / (warm + 1) for t in range(warm)])
     assert ours[warm:] == pytest.approx(hf[warm:])

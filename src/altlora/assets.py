@@ -160,7 +160,7 @@ def _dest(asset: Asset) -> Path:
 
 
 def _get(name: str) -> Asset:
-    from .optim.paired import closest
+    from .validate import closest
 
     if name not in ASSETS:
         raise AssetError(f"unknown asset {name!r}; built-in assets: {', '.join(ASSETS)}.{closest(name, ASSETS)}")

@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     # transformers 5 deprecates a property that PEFT still reads: nothing the user can act on
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     from .config import ALIASES
-    from .optim.paired import closest
+    from .validate import closest
 
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["--"]:  # from launch.relaunch, where the Python's argparse keeps torchrun's "--"

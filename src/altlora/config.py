@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from .optim.paired import closest
+from .validate import closest
 
 __all__ = ["Config", "ConfigError", "add_config_flags", "resolve_config", "load_yaml", "read_yaml_mapping",
            "yaml_value", "save_config"]

@@ -83,7 +83,7 @@ def _arithmetic(subtasks: list[str] | None) -> tuple[list, str]:
     for sub in subtasks or ARITHMETIC_DEFAULT:
         f = root / sub / "task.json"
         if not f.is_file():
-            from .optim.paired import closest
+            from .validate import closest
             raise DataError(f"unknown arithmetic subtask {sub!r}; valid: {', '.join(valid)}.{closest(sub, valid)}")
         for e in json.loads(f.read_text())["examples"]:
             target = e["target"] if isinstance(e["target"], str) else e["target"][0]
@@ -193,7 +193,7 @@ def load_task(name: str, *, subtasks: list[str] | None = None, val_size: float =
         if kind == "generation" and not any("\n" in a.strip() for _, a in examples):
             stop = "\n"  # one-line answers: a base model's run-on text is not part of its answer
     else:
-        from .optim.paired import closest
+        from .validate import closest
         raise DataError(f"unknown task {name!r}: built-in tasks are {', '.join(BUILTIN_TASKS)}, or give a "
                         f"path to a .jsonl/.csv file.{closest(name, BUILTIN_TASKS)}")
     if subtasks and name != "arithmetic":

@@ -198,7 +198,7 @@ def run_lm_eval(model_path: str, task: str, *, adapter: str | None = None, inclu
     if manager is None or task not in manager.all_tasks:
         manager = TaskManager(include_path=include_path)
     if task not in manager.all_tasks:
-        from .optim.paired import closest
+        from .validate import closest
         raise EvalError(f"lm-evaluation-harness has no task {task!r}"
                         f"{' (also searched ' + include_path + ')' if include_path else ''}."
                         f"{closest(task, manager.all_tasks)}")

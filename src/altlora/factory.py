@@ -9,7 +9,7 @@ from torch import nn
 
 from .optim import (AdaLoRAAdamW, AltLoRA, AltLoRAPlus, LoRAPlus, LoRAPro, LoRAProSGD, LoRARite,
                     ScaledAdamW, ScaledGD)
-from .optim.paired import closest
+from .validate import closest
 
 __all__ = ["OPTIMIZERS", "create_optimizer", "register_optimizer"]
 

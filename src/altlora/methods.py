@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .factory import OPTIMIZERS, create_optimizer
-from .optim.paired import closest
+from .validate import closest
 from .pairing import find_lora_pairs
 
 __all__ = ["Method", "MethodError", "METHODS", "ALIASES", "INITS", "get", "list_methods",
@@ -75,6 +75,9 @@ class Method:
         if source is torch.optim.AdamW:  # the options that change the maths; no decay by default (HF's)
             hp = dict(lr=hp["lr"], betas=hp["betas"], eps=hp["eps"], weight_decay=0.0)
         hp.update(self.optimizer_defaults)
+        if hasattr(source, "convention_defaults"):  # options left at None take the convention's value
+            filled = source.convention_defaults(hp["convention"])
+            hp.update({k: v for k, v in filled.items() if hp.get(k) is None})
         return hp
 
     def default_lr(self) -> float:

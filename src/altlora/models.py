@@ -31,7 +31,7 @@ def resolve_model(name: str) -> Path:
         return asset_path(name)
     p = Path(name).expanduser()
     if not p.is_dir():
-        from .optim.paired import closest
+        from .validate import closest
         raise ModelError(f"unknown model {name!r}: not a built-in model ({', '.join(BUILTIN_MODELS)}) "
                          f"and not an existing folder.{closest(name, BUILTIN_MODELS)}")
     if not (p / "config.json").is_file():

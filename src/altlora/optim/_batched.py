@@ -13,8 +13,8 @@ step is a handful of batched kernels whatever the number of pairs:
 * ``sylvester_psd``: ``Gb X + X Ga = C`` for symmetric PSD ``Gb``, ``Ga`` through their
   eigendecompositions, ``X = U [(U^T C V) / (l_i + m_j)] V^T``;
 * ``adam_direction``: the Adam moment update and bias-corrected direction on stacked tensors;
-* ``advance_steps`` / ``mask_pairs`` / ``finish_nonfinite``: per-pair step counters and the
-  core's non-finite policy (skip and count, or raise).
+* ``advance_steps`` / ``mask_pairs`` / ``all_finite``: per-pair step counters and masks (the
+  non-finite policy itself is :class:`~altlora.optim.paired.PairedOptimizer`'s).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ _WHOLE = Layout(gathered=True)  # baselines mix rows and columns: always work on
 __all__ = [
     "stack_factor", "stack_grad", "write_factor", "sym", "eigh_psd", "pinv_from_eigh",
     "psd_pinv_solve", "sylvester_psd", "adam_direction", "advance_steps", "mask_pairs",
-    "finish_nonfinite", "new_counter", "all_finite",
+    "new_counter", "all_finite",
 ]
 
 
@@ -135,16 +135,3 @@ def all_finite(*ts: torch.Tensor) -> torch.Tensor:
 def mask_pairs(ok: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
     """``new`` where the pair is ``ok`` (n,), else ``old``."""
     return torch.where(ok.view(-1, *([1] * (new.dim() - 1))), new, old)
-
-
-def finish_nonfinite(opt, group: dict, index: Sequence[int], ok: torch.Tensor,
-                     states: Sequence[dict], what: str) -> None:
-    """Count pairs skipped for non-finite values, or raise under ``on_nonfinite='raise'``."""
-    if opt.on_nonfinite == "raise" and not bool(ok.all()):
-        bad = [group["pair_names"][index[i]] for i in (~ok).nonzero().flatten().tolist()]
-        raise FloatingPointError(
-            f"{type(opt).__name__}: non-finite gradient or update for {what} of LoRA pair(s) "
-            f"{bad} at step {group['step']}. Lower the learning rate or enable gradient clipping; "
-            "on_nonfinite='skip' skips such pairs instead."
-        )
-    torch._foreach_add_([st["nonfinite_skips"] for st in states], list((~ok).to(torch.int64).unbind(0)))

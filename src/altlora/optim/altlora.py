@@ -23,13 +23,13 @@ from typing import Any, Callable
 
 import torch
 
-from .paired import PairBucket, PairedOptimizer, PlannedStep, _check_betas, _check_range, state_dtype_for
-from .sharding import (Layout, all_reduce_and, all_reduce_sum, full, layout_of, local_r_first, r_first,
+from ..validate import check_betas, check_range
+from .paired import PairBucket, PairedOptimizer, PlannedStep, state_dtype_for
+from .sharding import (OTHER, Layout, all_reduce_and, all_reduce_sum, full, layout_of, local_r_first, r_first,
                        write_r_first)
 
 __all__ = ["AltLoRA", "AltLoRAPlus", "altlora_factor_update"]
 
-_OTHER = {"A": "B", "B": "A"}
 # batched=None on CPU: stack factors smaller than this (per-call overhead dominates there);
 # larger ones go per pair (stacking copies cost more). Measured by benchmarks/optimizer_step.py.
 _BATCH_BELOW = 16384
@@ -219,6 +219,11 @@ class _AltLoRABase(PairedOptimizer):
     _second_moment = False
     clips_in_own_geometry = True  # max_grad_norm: see lifted_sq_norms
 
+    @staticmethod
+    def convention_defaults(convention: str) -> dict[str, Any]:
+        """The values a convention gives the options left at None."""
+        return dict(_CONVENTIONS[convention])
+
     def __init__(self, params: Any, lora_options: dict, *, switch_every: int, first: str | None,
                  mode: str, convention: str, divide_by_scaling_sq: bool | None,
                  bias_correction: str | bool | None, weight_decay: float, ridge: float,
@@ -235,15 +240,15 @@ class _AltLoRABase(PairedOptimizer):
             raise ValueError(f"switch_every must be an integer >= 1, got {switch_every!r}")
         if first not in ("A", "B", "auto"):
             raise ValueError(f"first must be 'A', 'B' or 'auto', got {first!r}")
-        _check_range("relative_ridge", relative_ridge, 0.0, None)
+        check_range("relative_ridge", relative_ridge, 0.0, None)
         if max_grad_norm is not None:
-            _check_range("max_grad_norm", max_grad_norm, 0.0, None)
+            check_range("max_grad_norm", max_grad_norm, 0.0, None)
         if batched not in (None, True, False):
             raise ValueError(f"batched must be None (automatic), True or False, got {batched!r}")
         if mode not in ("alternating", "joint"):
             raise ValueError(f"mode must be 'alternating' or 'joint', got {mode!r}")
-        _check_range("weight_decay", weight_decay, 0.0, None)
-        _check_range("ridge", ridge, 0.0, None)
+        check_range("weight_decay", weight_decay, 0.0, None)
+        check_range("ridge", ridge, 0.0, None)
         bias_correction = {True: "both", False: "none"}.get(bias_correction, bias_correction)
         if bias_correction not in ("none", "first", "both"):
             raise ValueError(f"bias_correction must be 'none', 'first' or 'both', got {bias_correction!r}")
@@ -276,7 +281,7 @@ class _AltLoRABase(PairedOptimizer):
         if group["mode"] == "joint":
             return ("A", "B")
         block = t // group["switch_every"]
-        return (group["first"],) if block % 2 == 0 else (_OTHER[group["first"]],)
+        return (group["first"],) if block % 2 == 0 else (OTHER[group["first"]],)
 
     @staticmethod
     def _update_count(group: dict, factor: str, t: int) -> int:
@@ -295,7 +300,7 @@ class _AltLoRABase(PairedOptimizer):
         self._resolve_first(group)
         return "".join(self._active(group, group["step"]))
 
-    def _moments(self, group: dict) -> tuple[float, float, float]:
+    def _coefficients(self, group: dict) -> tuple[float, float, float]:
         raise NotImplementedError
 
     # ---------------------------------------------------------------- step
@@ -334,7 +339,7 @@ class _AltLoRABase(PairedOptimizer):
     def _gather(self, group: dict, bucket: PairBucket, factor: str, t: int) -> _HalfStep:
         """Rank-first views of one bucket's active factor, its gradient and state, and the Gram
         of the other factor (all-reduced over column shards)."""
-        other = _OTHER[factor]
+        other = OTHER[factor]
         params, others = bucket.factor(factor), bucket.other(factor)
         x_lay, y_lay = layout_of(params[0], factor), layout_of(others[0], other)
         dt = state_dtype_for(params[0], self.linalg_dtype)
@@ -378,7 +383,7 @@ class _AltLoRABase(PairedOptimizer):
         # At a phase's first step the other factor has moved since this factor's last update:
         # use the stored basis change; otherwise Y_prev = Y and the change is the Gram itself.
         cross = torch.stack([s["basis_cross"] for s in h.y_states]) if phase_first else h.gram
-        beta1, beta2, eps = self._moments(group)
+        beta1, beta2, eps = self._coefficients(group)
         n_updates = self._update_count(group, factor, t)
         bc = group["bias_correction"]
         bc1 = 1 - beta1**n_updates if bc in ("first", "both") else 1.0
@@ -390,13 +395,7 @@ class _AltLoRABase(PairedOptimizer):
             clip_coef=1.0 if coef is None else coef.to(h.gram.dtype),
             sync_ok=lambda flags: all_reduce_and(flags, h.x_lay),
         )
-        if self.on_nonfinite == "raise" and not bool(ok.all()):
-            bad = [group["pair_names"][h.bucket.index[i]] for i in (~ok).nonzero().flatten().tolist()]
-            raise FloatingPointError(
-                f"{type(self).__name__}: non-finite gradient or update for factor {factor} of "
-                f"LoRA pair(s) {bad} at step {t}. Lower the learning rate or enable gradient "
-                "clipping; on_nonfinite='skip' skips such pairs instead."
-            )
+        self._raise_if_nonfinite(group, h.bucket.index, ok, f"factor {factor}")
 
         # Basis change r x r that the *other* factor's momentum will need (Thm 2): X_new X_start^T.
         cross_out = snapshots = None
@@ -425,7 +424,7 @@ class _AltLoRABase(PairedOptimizer):
             if snapshots is not None:
                 for s, snap in zip(states, snapshots):
                     s["phase_start"] = snap
-            torch._foreach_add_([s["nonfinite_skips"] for s in states], list((~ok).unbind(0)))
+            self._count_skips(states, ok)
 
         return apply
 
@@ -476,7 +475,7 @@ class AltLoRA(_AltLoRABase):
                  divide_by_scaling_sq: bool | None = None,
                  bias_correction: str | bool | None = None, batched: bool | None = None,
                  **kwargs: Any) -> None:
-        _check_range("beta1", beta1, 0.0, 1.0)
+        check_range("beta1", beta1, 0.0, 1.0)
         super().__init__(params, dict(lr=lr, beta1=beta1), switch_every=switch_every,
                          first=first, mode=mode, convention=convention,
                          divide_by_scaling_sq=divide_by_scaling_sq,
@@ -484,7 +483,7 @@ class AltLoRA(_AltLoRABase):
                          ridge=ridge, relative_ridge=relative_ridge, max_grad_norm=max_grad_norm,
                          batched=batched, **kwargs)
 
-    def _moments(self, group: dict) -> tuple[float, float, float]:
+    def _coefficients(self, group: dict) -> tuple[float, float, float]:
         return group["beta1"], 0.0, 0.0
 
 
@@ -506,8 +505,8 @@ class AltLoRAPlus(_AltLoRABase):
                  convention: str = "default", divide_by_scaling_sq: bool | None = None,
                  bias_correction: str | bool | None = None, batched: bool | None = None,
                  **kwargs: Any) -> None:
-        _check_betas("betas", betas)
-        _check_range("eps", eps, 0.0, None)
+        check_betas("betas", betas)
+        check_range("eps", eps, 0.0, None)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps),
                          switch_every=switch_every, first=first, mode=mode,
                          convention=convention, divide_by_scaling_sq=divide_by_scaling_sq,
@@ -515,6 +514,6 @@ class AltLoRAPlus(_AltLoRABase):
                          ridge=ridge, relative_ridge=relative_ridge, max_grad_norm=max_grad_norm,
                          batched=batched, **kwargs)
 
-    def _moments(self, group: dict) -> tuple[float, float, float]:
+    def _coefficients(self, group: dict) -> tuple[float, float, float]:
         beta1, beta2 = group["betas"]
         return beta1, beta2, group["eps"]

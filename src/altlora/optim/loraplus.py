@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-from .paired import PairedOptimizer, _check_betas, _check_range
+from ..validate import check_betas, check_range
+from .paired import PairedOptimizer
 
 __all__ = ["LoRAPlus"]
 
@@ -49,12 +50,12 @@ class LoRAPlus(PairedOptimizer):
                  weight_decay: float = 0.0, ratio_on_vectors: bool = True,
                  lr_embedding: float | None = None, aux_weight_decay: float | None = None,
                  **kwargs: Any) -> None:
-        _check_range("ratio", ratio, 0.0, None)
-        _check_betas("betas", betas)
-        _check_range("eps", eps, 0.0, None)
-        _check_range("weight_decay", weight_decay, 0.0, None)
+        check_range("ratio", ratio, 0.0, None)
+        check_betas("betas", betas)
+        check_range("eps", eps, 0.0, None)
+        check_range("weight_decay", weight_decay, 0.0, None)
         if lr_embedding is not None:
-            _check_range("lr_embedding", lr_embedding, 0.0, None)
+            check_range("lr_embedding", lr_embedding, 0.0, None)
         self.ratio_on_vectors = bool(ratio_on_vectors)
         super().__init__(
             params, dict(lr=lr, ratio=float(ratio), betas=tuple(betas), eps=eps, weight_decay=weight_decay),

@@ -37,11 +37,11 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ._batched import (advance_steps, all_finite, eigh_psd, finish_nonfinite,
-                       mask_pairs, new_counter, pinv_from_eigh, stack_factor, stack_grad,
-                       sylvester_psd, write_factor)
 from ..pairing import as_matrix
-from .paired import PairBucket, PairedOptimizer, _check_betas, _check_range, state_dtype_for
+from ..validate import check_betas, check_range
+from ._batched import (advance_steps, all_finite, eigh_psd, mask_pairs, new_counter, pinv_from_eigh,
+                       stack_factor, stack_grad, sylvester_psd, write_factor)
+from .paired import PairBucket, PairedOptimizer, state_dtype_for
 
 __all__ = ["LoRAPro", "LoRAProSGD", "GramBasis", "gram_basis", "lora_pro_gradients",
            "equivalent_gradient"]
@@ -93,8 +93,8 @@ class _LoRAProBase(PairedOptimizer):
 
     def __init__(self, params: Any, lora_options: dict, *, weight_decay: float, ridge: float,
                  x_mode: str, **kwargs: Any) -> None:
-        _check_range("weight_decay", weight_decay, 0.0, None)
-        _check_range("ridge", ridge, 0.0, None)
+        check_range("weight_decay", weight_decay, 0.0, None)
+        check_range("ridge", ridge, 0.0, None)
         if x_mode not in ("sylvester", "zero"):
             raise ValueError(f"x_mode must be 'sylvester' or 'zero', got {x_mode!r}")
         lora_options.update(weight_decay=weight_decay, ridge=ridge, x_mode=x_mode)
@@ -138,9 +138,10 @@ class _LoRAProBase(PairedOptimizer):
         lr, wd = group["lr"], group["weight_decay"]
         A_new, B_new = A - lr * (dA + wd * A), B - lr * (dB + wd * B)
         ok = ok & all_finite(A_new, B_new)
+        self._raise_if_nonfinite(group, bucket.index, ok, "factors A, B")
         write_factor(bucket.A, "A", mask_pairs(ok, A_new, A))
         write_factor(bucket.B, "B", mask_pairs(ok, B_new, B).mT)
-        finish_nonfinite(self, group, bucket.index, ok, a_states, "factors A, B")
+        self._count_skips(a_states, ok)
 
     def _adam(self, group: dict, states: list[dict], g: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
         """Adam on the k x d moments, in place (they are the big tensors): returns G^ (n, k, d).
@@ -199,7 +200,7 @@ class LoRAPro(_LoRAProBase):
     def __init__(self, params: Any = None, lr: float = 2e-5, *, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, ridge: float = 1e-8,
                  x_mode: str = "sylvester", **kwargs: Any) -> None:
-        _check_betas("betas", betas)
-        _check_range("eps", eps, 0.0, None)
+        check_betas("betas", betas)
+        check_range("eps", eps, 0.0, None)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps), weight_decay=weight_decay,
                          ridge=ridge, x_mode=x_mode, **kwargs)

@@ -33,9 +33,10 @@ from typing import Any
 
 import torch
 
-from ._batched import (advance_steps, all_finite, eigh_psd, finish_nonfinite, mask_pairs,
-                       new_counter, stack_factor, stack_grad, sym, write_factor)
-from .paired import PairBucket, PairedOptimizer, _check_betas, _check_range, r_first, state_dtype_for
+from ..validate import check_betas, check_range
+from ._batched import (advance_steps, all_finite, eigh_psd, mask_pairs, new_counter, stack_factor, stack_grad,
+                       sym, write_factor)
+from .paired import PairBucket, PairedOptimizer, r_first, state_dtype_for
 
 __all__ = ["LoRARite", "rite_factor_update"]
 
@@ -103,11 +104,11 @@ class LoRARite(PairedOptimizer):
                  eps: float = 1e-6, weight_decay: float = 0.0, clip_unmagnified_grad: float = 1.0,
                  update_capping: float = 1.0, update_skipping: float = 5.0, apply_escape: bool = True,
                  balance_param: bool = True, **kwargs: Any) -> None:
-        _check_betas("betas", betas)
+        check_betas("betas", betas)
         for name, v in (("eps", eps), ("weight_decay", weight_decay),
                         ("clip_unmagnified_grad", clip_unmagnified_grad),
                         ("update_capping", update_capping), ("update_skipping", update_skipping)):
-            _check_range(name, v, 0.0, None)
+            check_range(name, v, 0.0, None)
         super().__init__(params, dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
             clip_unmagnified_grad=clip_unmagnified_grad, update_capping=update_capping,
@@ -195,6 +196,7 @@ class LoRARite(PairedOptimizer):
             mean = (nA * nB).sqrt()
             XA, XB = XA * (mean / nA), XB * (mean / nB)
         ok = ok & all_finite(XA, XB)
+        self._raise_if_nonfinite(group, bucket.index, ok, "factors A, B")
         write_factor(bucket.A, "A", mask_pairs(ok, XA, X["A"]).mT)
         write_factor(bucket.B, "B", mask_pairs(ok, XB, X["B"]).mT)
         for f in ("A", "B"):
@@ -204,4 +206,4 @@ class LoRARite(PairedOptimizer):
                 torch._foreach_copy_([st[key] for st in sts], list(mask_pairs(ok, val, old[key]).unbind(0)))
             old_basis = torch.stack([st["basis"] for st in sts])
             torch._foreach_copy_([st["basis"] for st in sts], list(mask_pairs(ok, U[f], old_basis).unbind(0)))
-        finish_nonfinite(self, group, bucket.index, ok, states["A"], "factors A, B")
+        self._count_skips(states["A"], ok)

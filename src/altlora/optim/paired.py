@@ -10,7 +10,6 @@ preparation) and ``state_dict`` round trips keep working.
 
 from __future__ import annotations
 
-import difflib
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from ..pairing import LoRAPair, LoRAPairingError, as_matrix, as_pairs, find_lora_pairs, no_pairs_message
+from ..validate import check_betas, check_range
 from .adamw import adamw_update
 from .sharding import full, r_first
 
@@ -217,13 +217,13 @@ class PairedOptimizer(torch.optim.Optimizer):
                 raise ValueError("pass the model either positionally or as model=, not both")
             model, params = params, None
         lr = lora_options["lr"]
-        _check_range("lr", lr, 0.0, None)
+        check_range("lr", lr, 0.0, None)
         if aux_lr is None:
             aux_lr = lr if self.lr_is_adam_scale else 1e-3
-        _check_range("aux_lr", aux_lr, 0.0, None)
-        _check_betas("aux_betas", aux_betas)
-        _check_range("aux_eps", aux_eps, 0.0, None)
-        _check_range("aux_weight_decay", aux_weight_decay, 0.0, None)
+        check_range("aux_lr", aux_lr, 0.0, None)
+        check_betas("aux_betas", aux_betas)
+        check_range("aux_eps", aux_eps, 0.0, None)
+        check_range("aux_weight_decay", aux_weight_decay, 0.0, None)
         if on_nonfinite not in ("skip", "raise"):
             raise ValueError(f"on_nonfinite must be 'skip' or 'raise', got {on_nonfinite!r}")
         if linalg_dtype not in (None, torch.float32, torch.float64):
@@ -307,6 +307,21 @@ class PairedOptimizer(torch.optim.Optimizer):
         coef = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
         self.last_grad_norm, self.last_clip_coef = norm, coef
         return coef
+
+    def _raise_if_nonfinite(self, group: dict, index: list[int], ok: torch.Tensor, what: str) -> None:
+        """Under ``on_nonfinite="raise"``, stop before anything is written if a pair is not ``ok``."""
+        if self.on_nonfinite == "raise" and not bool(ok.all()):
+            bad = [group["pair_names"][index[i]] for i in (~ok).nonzero().flatten().tolist()]
+            raise FloatingPointError(
+                f"{type(self).__name__}: non-finite gradient or update for {what} of LoRA pair(s) "
+                f"{bad} at step {group['step']}. Lower the learning rate or enable gradient clipping; "
+                "on_nonfinite='skip' skips such pairs instead."
+            )
+
+    @staticmethod
+    def _count_skips(states: list[dict], ok: torch.Tensor) -> None:
+        """Add 1 to ``nonfinite_skips`` of every pair that is not ``ok`` (it was left unchanged)."""
+        torch._foreach_add_([st["nonfinite_skips"] for st in states], list((~ok).to(torch.int64).unbind(0)))
 
     def _check_lora_group(self, group: dict) -> None:
         ps = group["params"]
@@ -417,23 +432,3 @@ def _cond(gram: torch.Tensor, ridge: float) -> float:
     ev = torch.linalg.eigvalsh(gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype))
     lo = ev[0].item()
     return float("inf") if lo <= 0 else ev[-1].item() / lo
-
-
-def _check_range(name: str, value: float, lo: float, hi: float | None, hi_open: bool = True) -> None:
-    if not isinstance(value, (int, float)) or value != value:
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    if value < lo or (hi is not None and (value >= hi if hi_open else value > hi)):
-        bound = f"[{lo}, {hi})" if hi is not None else f">= {lo}"
-        raise ValueError(f"invalid {name}: {value} (must be {bound})")
-
-
-def _check_betas(name: str, betas: Iterable[float]) -> None:
-    for i, b in enumerate(betas):
-        _check_range(f"{name}[{i}]", b, 0.0, 1.0)
-
-
-def closest(name: str, options: Iterable[str]) -> str:
-    """' Did you mean X?' suffix for error messages, or ''."""
-    m = difflib.get_close_matches(name, list(options), n=1)
-    return f" Did you mean {m[0]!r}?" if m else ""
-

@@ -30,14 +30,13 @@ from typing import Any
 
 import torch
 
-from ._batched import (adam_direction, advance_steps, all_finite, finish_nonfinite, mask_pairs,
-                       new_counter, psd_pinv_solve, stack_factor, stack_grad, write_factor)
-from .paired import PairBucket, PairedOptimizer, _check_betas, _check_range, r_first, state_dtype_for
+from ..validate import check_betas, check_range
+from ._batched import (adam_direction, advance_steps, all_finite, mask_pairs, new_counter, psd_pinv_solve,
+                       stack_factor, stack_grad, write_factor)
+from .paired import PairBucket, PairedOptimizer, r_first, state_dtype_for
+from .sharding import OTHER
 
 __all__ = ["ScaledGD", "ScaledAdamW", "scaled_gradient"]
-
-_OTHER = {"A": "B", "B": "A"}
-
 
 def scaled_gradient(grad: torch.Tensor, Y: torch.Tensor, ridge: float) -> torch.Tensor:
     """``(Y Y^T + ridge I)^+ grad`` for rank-first stacks ``grad`` (n, r, m) and ``Y`` (n, r, m')."""
@@ -50,8 +49,8 @@ class _Scaled(PairedOptimizer):
 
     def __init__(self, params: Any, lora_options: dict, *, weight_decay: float, ridge: float,
                  **kwargs: Any) -> None:
-        _check_range("weight_decay", weight_decay, 0.0, None)
-        _check_range("ridge", ridge, 0.0, None)
+        check_range("weight_decay", weight_decay, 0.0, None)
+        check_range("ridge", ridge, 0.0, None)
         lora_options.update(weight_decay=weight_decay, ridge=ridge)
         super().__init__(params, lora_options, **kwargs)
 
@@ -80,13 +79,14 @@ class _Scaled(PairedOptimizer):
         X = stack_factor(xs, factor, dt)
         G = stack_grad(xs, factor, dt)
         ok = all_finite(G)
-        g = scaled_gradient(torch.where(ok.view(-1, 1, 1), G, 0.0), stack_factor(ys, _OTHER[factor], dt),
+        g = scaled_gradient(torch.where(ok.view(-1, 1, 1), G, 0.0), stack_factor(ys, OTHER[factor], dt),
                             group["ridge"])
         moments = self._direction(group, states, g)
         direction = moments[-1]
         X_new = X - group["lr"] * (direction + group["weight_decay"] * X)
         ok = ok & all_finite(X_new)
         X_new = mask_pairs(ok, X_new, X)
+        self._raise_if_nonfinite(group, bucket.index, ok, f"factor {factor}")
 
         def apply() -> None:
             write_factor(xs, factor, X_new)
@@ -95,7 +95,7 @@ class _Scaled(PairedOptimizer):
                 for key, new in (("exp_avg", M), ("exp_avg_sq", V)):
                     old = torch.stack([st[key] for st in states])
                     torch._foreach_copy_([st[key] for st in states], list(mask_pairs(ok, new, old).unbind(0)))
-            finish_nonfinite(self, group, bucket.index, ok, states, f"factor {factor}")
+            self._count_skips(states, ok)
 
         return apply
 
@@ -138,8 +138,8 @@ class ScaledAdamW(_Scaled):
     def __init__(self, params: Any = None, lr: float = 1e-4, *, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, ridge: float = 1e-6,
                  correct_bias: bool = True, **kwargs: Any) -> None:
-        _check_betas("betas", betas)
-        _check_range("eps", eps, 0.0, None)
+        check_betas("betas", betas)
+        check_range("eps", eps, 0.0, None)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, correct_bias=bool(correct_bias)),
                          weight_decay=weight_decay, ridge=ridge, **kwargs)
 

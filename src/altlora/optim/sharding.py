@@ -34,6 +34,10 @@ def is_dtensor(t: torch.Tensor) -> bool:
     return DTensor is not None and isinstance(t, DTensor)
 
 
+#: the other factor of a pair
+OTHER = {"A": "B", "B": "A"}
+
+
 def r_first(t: torch.Tensor, factor: str) -> torch.Tensor:
     """View a (local) factor with the rank dimension first: A -> (r, d), B -> B^T (r, k)."""
     m = as_matrix(t)
