@@ -22,6 +22,8 @@ from peft import LoraConfig, get_peft_model
 import altlora
 import distributed_worker as w
 from altlora import LoRAPairingError
+from altlora.optim.altlora import AltLoRABase
+from conftest import CONTRACT, PAIRED
 from tiny_models import single_thread, tiny_llama  # noqa: F401  (autouse fixture)
 
 WORLD = 2
@@ -45,7 +47,8 @@ TIMEOUT_S = 300
 ULP = torch.finfo(torch.float64).eps
 PERTURB = 64 * ULP
 SAFETY = 10
-EXACT_UNDER_FSDP2 = set(w.BASELINES)  # gathered whole factors: no partial sums
+# the baselines gather whole factors and torch's AdamW is elementwise: no partial sums
+EXACT_UNDER_FSDP2 = {label for label, (cls, _) in CONTRACT.items() if not issubclass(cls, AltLoRABase)}
 
 
 def _free_port() -> int:
@@ -183,10 +186,7 @@ def test_accelerate_ddp_example_runs_as_one_process_group():
     assert log.count("step 1: loss") == 1, log
 
 
-PAIRED = [n for n in w.BASELINES if n != "lora"] + ["altlora_plus"]
-
-
-@pytest.mark.parametrize("name", PAIRED)
+@pytest.mark.parametrize("name", sorted({cls.name for cls, _ in PAIRED.values()}))
 def test_deepspeed_partitioned_factors_are_refused_by_every_paired_optimizer(name):
     """AltLoRA's refusal is tested in test_pairing.py; the baselines share it."""
     model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))

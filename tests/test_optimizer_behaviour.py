@@ -1,18 +1,19 @@
 """Optimizer contract: alternation, accumulation, resume, schedulers, precision, bad input."""
 
-import io
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import altlora
 from altlora import AltLoRA, AltLoRAPlus
+from altlora.optim import REGISTRY
+from altlora.optim.altlora import AltLoRABase
 from lowrank_problem import DT, Problem, rel
 
-CLASSES = [AltLoRA, AltLoRAPlus]
-IDS = ["altlora", "altlora_plus"]
+# AltLoRA and AltLoRA+ (the generic optimizer contract is in test_contract.py)
+CLASSES = [cls for name, cls in REGISTRY.items() if name == cls.name and issubclass(cls, AltLoRABase)]
+IDS = [cls.name for cls in CLASSES]
 
 
 def tiny_peft_llama(seed=0, dtype=torch.float32):
@@ -140,51 +141,6 @@ def test_gradient_accumulation_equals_big_batch(cls):
     assert rel(B2.detach(), B1.detach()) < 1e-12
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(switch_every=3, first="B"), dict(mode="joint")],
-                         ids=["default", "switch3", "joint"])
-@pytest.mark.parametrize("cls", CLASSES, ids=IDS)
-def test_resume_is_bit_identical(cls, kw):
-    n = 5  # odd, so the resume point is mid-phase for switch_every=3
-    ref = tiny_peft_llama()
-    opt = cls(ref, lr=1e-3, **kw)
-    train(ref, opt, 2 * n)
-
-    model = tiny_peft_llama()
-    opt = cls(model, lr=1e-3, **kw)
-    train(model, opt, n)
-    buf = io.BytesIO()
-    torch.save({"model": {k: v.clone() for k, v in model.state_dict().items()},
-                "optim": opt.state_dict()}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
-
-    resumed = tiny_peft_llama(seed=123)  # different init: everything must come from the checkpoint
-    resumed.load_state_dict(ckpt["model"])
-    opt2 = cls(resumed, lr=1e-3, **kw)
-    opt2.load_state_dict(ckpt["optim"])
-    train(resumed, opt2, n, start=n)
-    a, b = snapshot(ref), snapshot(resumed)
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-
-
-@pytest.mark.parametrize("cls", CLASSES, ids=IDS)
-def test_lambda_lr_scheduler_halves_the_update(cls):
-    prob, s = Problem(), 2.0
-    deltas = []
-    for factor in (1.0, 0.5):
-        A, B = prob.params(s)
-        opt = cls(pairs=[(A, B, s)], lr=1e-2, first="A")
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: factor)
-        a0 = A.detach().clone()
-        prob.backward(A, B, s)
-        opt.step()
-        sched.step()
-        deltas.append(A.detach() - a0)
-    assert rel(deltas[1], 0.5 * deltas[0]) < 1e-9  # bound set by the subtraction A - A0
-
-
 def test_scheduler_changes_are_followed_during_training():
     """The research code read self.defaults['lr']; ours follows group['lr'] at every step."""
     prob, s = Problem(), 2.0
@@ -202,7 +158,9 @@ def test_scheduler_changes_are_followed_during_training():
 
 
 @pytest.mark.parametrize("cls", CLASSES, ids=IDS)
-def test_bf16_params_keep_float32_state_and_track_float32_run(cls):
+def test_bf16_run_tracks_the_float32_run(cls):
+    """bf16 parameters with float32 state (the state itself: test_contract.py) stay within bf16's
+    resolution of the float32 trajectory over 20 steps."""
     prob, s = Problem(), 2.0
     results = {}
     for dtype in (torch.float32, torch.bfloat16):
@@ -214,15 +172,6 @@ def test_bf16_params_keep_float32_state_and_track_float32_run(cls):
             W = prob.W0.float() + s * B.float() @ A.float()
             ((torch.tanh(prob.X.float() @ W.T) - prob.Y.float()) ** 2).mean().backward()
             opt.step()
-        assert all(v.dtype in (torch.float32, torch.int64) for st in opt.state.values()
-                   for v in st.values())
-        # the dtype survives a save/load round trip (torch would cast it to bf16)
-        buf = io.BytesIO()
-        torch.save(opt.state_dict(), buf)
-        buf.seek(0)
-        fresh = cls(pairs=[(A, B, s)], lr=1e-2, first="B")
-        fresh.load_state_dict(torch.load(buf, weights_only=True))
-        assert fresh.state[A]["exp_avg"].dtype == torch.float32
         results[dtype] = (B.float() @ A.float()).detach()
     assert torch.isfinite(results[torch.bfloat16]).all()
     assert rel(results[torch.bfloat16], results[torch.float32]) < 5e-2
@@ -263,7 +212,7 @@ def test_batched_path_equals_per_pair_path(cls, kw):
 
 @pytest.mark.parametrize("batched", [False, True], ids=["per_pair", "batched"])
 @pytest.mark.parametrize("cls", CLASSES, ids=IDS)
-def test_nonfinite_pair_is_skipped_and_counted_or_raises(cls, batched):
+def test_nonfinite_pair_keeps_its_momentum_on_both_paths(cls, batched):
     prob, s = Problem(), 2.0
     A1, B1 = prob.params(s)
     A2, B2 = prob.params(s)
@@ -278,10 +227,6 @@ def test_nonfinite_pair_is_skipped_and_counted_or_raises(cls, batched):
     assert torch.count_nonzero(opt.state[A2]["exp_avg"]) == 0
     assert opt.stats()["skipped_steps"] == 1
 
-    strict = cls(pairs=[(A2, B2, s, "bad")], lr=1e-2, on_nonfinite="raise")
-    with pytest.raises(FloatingPointError, match="bad"):
-        strict.step()
-
 
 def test_stats_reports_phase_skips_and_gram_conditions():
     model = tiny_peft_llama()
@@ -290,20 +235,26 @@ def test_stats_reports_phase_skips_and_gram_conditions():
     st = opt.stats()
     assert st["phase"] == "A" and st["skipped_steps"] == 0
     pair = st["groups"][0]["pairs"][0]
-    assert pair["scaling"] == 2.0 and pair["cond_AAt"] >= 1.0 and pair["cond_BtB"] >= 1.0
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    A, B = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
+    ridge = 1e-6 * torch.eye(4, dtype=DT)
+    assert pair["name"].endswith("layers.0.self_attn.q_proj[default]") and pair["scaling"] == 2.0
+    # eigenvalue ratios of 4 x 4 float64 Grams with condition numbers below 1e6: two routes agree to 1e-9
+    assert pair["cond_BtB"] == pytest.approx(torch.linalg.cond(B.T @ B + ridge).item(), rel=1e-9)
+    assert pair["cond_AAt"] == pytest.approx(torch.linalg.cond(A @ A.T + ridge).item(), rel=1e-9)
+    assert st["grad_norm"] > 0 and 0 < st["clip_coef"] <= 1
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(lr=-1.0), "lr"),
+@pytest.mark.parametrize("kwargs,match", [  # the arguments every optimizer has: test_contract.py
     (dict(beta1=1.0), "beta1"),
     (dict(switch_every=0), "switch_every"),
     (dict(first="C"), "first"),
     (dict(mode="gauss"), "mode"),
     (dict(convention="authors"), "convention"),
     (dict(ridge=-1e-6), "ridge"),
-    (dict(weight_decay=-0.1), "weight_decay"),
-    (dict(aux_betas=(0.9, 1.5)), "aux_betas"),
-    (dict(on_nonfinite="ignore"), "on_nonfinite"),
+    (dict(relative_ridge=-1.0), "relative_ridge"),
+    (dict(max_grad_norm=-1.0), "max_grad_norm"),
+    (dict(clip_scope="layer"), "clip_scope"),
 ])
 def test_invalid_hyperparameters_are_rejected(kwargs, match):
     prob = Problem()
@@ -316,14 +267,6 @@ def test_altlora_plus_betas_are_validated():
     A, B = Problem().params()
     with pytest.raises(ValueError, match="betas"):
         AltLoRAPlus(pairs=[(A, B, 2.0)], betas=(0.9, -0.1))
-
-
-def test_create_optimizer_builds_each_registered_name_and_rejects_typos():
-    model = tiny_peft_llama()
-    assert isinstance(altlora.create_optimizer(model, "altlora", lr=1e-3), AltLoRA)
-    assert isinstance(altlora.create_optimizer(model, "altlora_plus", lr=1e-4, first="B"), AltLoRAPlus)
-    with pytest.raises(ValueError, match=r"valid names: .*altlora.*Did you mean 'altlora_plus'"):
-        altlora.create_optimizer(model, "altlora_pls")
 
 
 def test_non_lora_trainables_are_adamw_updated_exactly_like_torch():

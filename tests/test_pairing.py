@@ -38,18 +38,18 @@ from altlora import (  # noqa: E402
     create_optimizer,
     find_lora_pairs,
 )
+from altlora.optim import REGISTRY  # noqa: E402
+from altlora.optim.altlora import AltLoRABase  # noqa: E402
 from altlora.pairing import as_matrix  # noqa: E402
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 N_STEPS = 4  # >= 4 so that, alternating, each factor is updated at least twice
 
-# (optimizer class, hyperparameters) used wherever both optimizers are exercised. AltLoRA has no
+# (optimizer class, hyperparameters) for AltLoRA and AltLoRA+, wherever both are exercised. AltLoRA has no
 # second-moment normalisation, so it needs a large lr for the tiny gradients of these tiny models
 # to move every factor well above float32 rounding; the AdamW aux group gets a sane aux_lr.
-OPTIMIZERS = [
-    pytest.param(AltLoRA, dict(lr=1.0, aux_lr=1e-2), id="AltLoRA"),
-    pytest.param(AltLoRAPlus, dict(lr=1e-3), id="AltLoRAPlus"),
-]
+OPTIMIZERS = [pytest.param(cls, dict(lr=1e-3) if cls.lr_is_adam_scale else dict(lr=1.0, aux_lr=1e-2), id=cls.__name__)
+              for name, cls in REGISTRY.items() if name == cls.name and issubclass(cls, AltLoRABase)]
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -8,15 +8,18 @@ ScaledGD / Scaled AdamW, LoRA-RITE, LoRA-Pro) and a registry of runnable methods
 
 from . import methods
 from .factory import OPTIMIZERS, create_optimizer, register_optimizer
-from .optim import (AltLoRA, AltLoRAPlus, LoRAPlus, LoRAPro, LoRAProSGD, LoRARite, ScaledAdamW, ScaledGD,
-                    altlora_factor_update)
+from .optim import (REGISTRY, AdaLoRAAdamW, AltLoRA, AltLoRAPlus, LoRAAdamW, LoRAPlus, LoRAPro, LoRAProSGD, LoRARite,
+                    ScaledAdamW, ScaledGD, altlora_factor_update)
 from .pairing import LoRAPair, LoRAPairingError, find_lora_pairs
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "REGISTRY",
+    "AdaLoRAAdamW",
     "AltLoRA",
     "AltLoRAPlus",
+    "LoRAAdamW",
     "LoRAPlus",
     "LoRAPro",
     "LoRAProSGD",

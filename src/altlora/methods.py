@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .factory import OPTIMIZERS, create_optimizer
+from .optim import REGISTRY
 from .validate import closest
 from .pairing import find_lora_pairs
 
@@ -63,17 +64,14 @@ class Method:
     lora_fixed: dict = field(default_factory=dict)   # LoraConfig values the method defines
     lora_defaults: dict = field(default_factory=dict)  # LoraConfig defaults the method changes
     optimizer_defaults: dict = field(default_factory=dict)
-    hyper_source: Callable | None = None             # signature listing the optimizer's options
     accepts_init: bool = True                        # Table 11 init choices allowed
     requires: tuple[str, ...] = ()                   # adapt() arguments that must be given
 
     # ------------------------------------------------------------------ discovery
     def hyperparameters(self) -> dict[str, Any]:
         """Optimizer hyperparameters with this method's defaults."""
-        source = self.hyper_source or OPTIMIZERS[self.optimizer][0]
+        source = OPTIMIZERS[self.optimizer][0]
         hp = _signature_defaults(source)
-        if source is torch.optim.AdamW:  # the options that change the maths; no decay by default (HF's)
-            hp = dict(lr=hp["lr"], betas=hp["betas"], eps=hp["eps"], weight_decay=0.0)
         hp.update(self.optimizer_defaults)
         if hasattr(source, "convention_defaults"):  # options left at None take the convention's value
             filled = source.convention_defaults(hp["convention"])
@@ -232,36 +230,28 @@ def apply_init(model: nn.Module, a_init: str, b_init: str) -> None:
 
 
 # ----------------------------------------------------------------------------- registry
-_ADAMW = torch.optim.AdamW
-
-
 def _m(name: str, description: str, optimizer: str, **kw: Any) -> Method:
     return Method(name=name, description=description, optimizer=optimizer, **kw)
 
 
+def _of_optimizer(cls: type) -> Method:
+    """The method an optimizer class defines: PEFT LoRA (or the class's own ``adapter``) + the class."""
+    adapter = getattr(cls, "adapter", "lora")
+    return Method(name=cls.name, description=cls.description, optimizer=cls.name, adapter=adapter,
+                  accepts_init=adapter == "lora", requires=tuple(getattr(cls, "requires", ())))
+
+
 METHODS: dict[str, Method] = {m.name: m for m in [
-    _m("full", "Full fine-tuning: AdamW on every weight, no adapter", "adamw", adapter="full",
-       hyper_source=_ADAMW, accepts_init=False),
-    _m("lora", "LoRA: PEFT LoRA (Kaiming A, zero B), AdamW", "lora", hyper_source=_ADAMW),
-    _m("lora_plus", "LoRA+: AdamW with lr for A and ratio*lr (16) for B", "lora_plus"),
-    _m("scaled_gd", "ScaledGD: Riemannian r x r preconditioned gradient descent", "scaled_gd"),
-    _m("scaled_adamw", "Scaled AdamW: AdamW on Riemannian-preconditioned gradients", "scaled_adamw"),
-    _m("lora_rite", "LoRA-RITE: transformation-invariant adaptive optimizer", "lora_rite"),
-    _m("lora_pro", "LoRA-Pro (AdamW): Adam on the k x d equivalent gradient (2kd state)", "lora_pro"),
-    _m("lora_pro_sgd", "LoRA-Pro (SGD): tangent-space projected full-gradient steps", "lora_pro_sgd"),
+    # one per optimizer class of the registry (altlora.optim.REGISTRY, aliases left out)
+    *(_of_optimizer(cls) for name, cls in REGISTRY.items() if name == cls.name),
+    # other adapters or initialisations, trained by AdamW
+    _m("full", "Full fine-tuning: AdamW on every weight, no adapter", "adamw", adapter="full", accepts_init=False),
     _m("pissa", "PiSSA: A, B from the top-r SVD of W0 (residual kept frozen), AdamW", "lora",
-       lora_fixed=dict(init_lora_weights="pissa"), hyper_source=_ADAMW, accepts_init=False),
-    _m("rslora", "rsLoRA: scaling alpha/sqrt(r), AdamW", "lora", lora_fixed=dict(use_rslora=True),
-       hyper_source=_ADAMW),
-    _m("dora", "DoRA: magnitude/direction decomposition, AdamW", "lora", lora_fixed=dict(use_dora=True),
-       hyper_source=_ADAMW),
-    _m("adalora", "AdaLoRA: SVD-form adapter with importance-based rank allocation, AdamW", "adalora",
-       adapter="adalora", hyper_source=_ADAMW, accepts_init=False, requires=("total_steps",)),
+       lora_fixed=dict(init_lora_weights="pissa"), accepts_init=False),
+    _m("rslora", "rsLoRA: scaling alpha/sqrt(r), AdamW", "lora", lora_fixed=dict(use_rslora=True)),
+    _m("dora", "DoRA: magnitude/direction decomposition, AdamW", "lora", lora_fixed=dict(use_dora=True)),
     _m("lora_ga", "LoRA-GA: A, B from the SVD of estimated full gradients (rsLoRA), AdamW", "lora",
-       adapter="lora_ga", lora_defaults=dict(use_rslora=True), hyper_source=_ADAMW,
-       accepts_init=False, requires=("init_batches",)),
-    _m("altlora", "AltLoRA (Alg. 1): alternating projected gradients + projected momentum", "altlora"),
-    _m("altlora_plus", "AltLoRA+ (Alg. 2): AltLoRA plus an unprojected second moment", "altlora_plus"),
+       adapter="lora_ga", lora_defaults=dict(use_rslora=True), accepts_init=False, requires=("init_batches",)),
     # ablations (Table 9: update order and joint updates; ranks via lora_options={"r": ...})
     _m("altlora_b_first", "AltLoRA ablation: alternate starting with B", "altlora",
        optimizer_defaults=dict(first="B")),

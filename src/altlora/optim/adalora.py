@@ -34,15 +34,20 @@ def find_allocator(model: nn.Module):
 class AdaLoRAAdamW(torch.optim.AdamW):
     """``torch.optim.AdamW`` on the trainable tensors of an AdaLoRA model + the allocator call."""
 
-    def __init__(self, model: nn.Module, lr: float = 1e-3, **kwargs: Any) -> None:
+    name = "adalora"
+    description = "AdaLoRA: SVD-form adapter with importance-based rank allocation, AdamW"
+    adapter = "adalora"  # how methods.get("adalora") adapts the model
+    requires = ("total_steps",)
+
+    def __init__(self, model: nn.Module, lr: float = 1e-3, *, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, **kwargs: Any) -> None:
         self._allocator = find_allocator(model)
-        kwargs.setdefault("weight_decay", 0.0)
         params = [p for p in model.parameters() if p.requires_grad]
         if any(is_dtensor(p) for p in params):
             raise NotImplementedError(
                 "AdaLoRA's rank allocator (peft update_and_allocate) does not support FSDP2-sharded "
                 "(DTensor) parameters; train AdaLoRA under DDP (torchrun / accelerate launch) instead.")
-        super().__init__(params, lr=lr, **kwargs)
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kwargs)
         self.param_groups[0].setdefault("allocator_step", 0)
 
     @torch.no_grad()

@@ -213,7 +213,7 @@ class _HalfStep:
     batched: bool
 
 
-class _AltLoRABase(PairedOptimizer):
+class AltLoRABase(PairedOptimizer):
     """Shared implementation; see :class:`AltLoRA` and :class:`AltLoRAPlus`."""
 
     _second_moment = False
@@ -228,7 +228,7 @@ class _AltLoRABase(PairedOptimizer):
                  mode: str, convention: str, divide_by_scaling_sq: bool | None,
                  bias_correction: str | bool | None, weight_decay: float, ridge: float,
                  relative_ridge: float, max_grad_norm: float | None, batched: bool | None,
-                 **kwargs: Any) -> None:
+                 clip_scope: str = "global", **kwargs: Any) -> None:
         if convention not in _CONVENTIONS:
             raise ValueError(f"convention must be one of {sorted(_CONVENTIONS)}, got {convention!r}")
         preset = _CONVENTIONS[convention]  # fills every option left at None
@@ -245,6 +245,8 @@ class _AltLoRABase(PairedOptimizer):
             check_range("max_grad_norm", max_grad_norm, 0.0, None)
         if batched not in (None, True, False):
             raise ValueError(f"batched must be None (automatic), True or False, got {batched!r}")
+        if clip_scope not in ("global", "pair"):
+            raise ValueError(f"clip_scope must be 'global' or 'pair', got {clip_scope!r}")
         if mode not in ("alternating", "joint"):
             raise ValueError(f"mode must be 'alternating' or 'joint', got {mode!r}")
         check_range("weight_decay", weight_decay, 0.0, None)
@@ -253,7 +255,7 @@ class _AltLoRABase(PairedOptimizer):
         if bias_correction not in ("none", "first", "both"):
             raise ValueError(f"bias_correction must be 'none', 'first' or 'both', got {bias_correction!r}")
         lora_options.update(
-            weight_decay=weight_decay, ridge=ridge, relative_ridge=relative_ridge,
+            weight_decay=weight_decay, ridge=ridge, relative_ridge=relative_ridge, clip_scope=clip_scope,
             switch_every=switch_every, first=first,
             mode=mode, divide_by_scaling_sq=bool(divide_by_scaling_sq),
             bias_correction=bias_correction, batched=batched,
@@ -310,14 +312,19 @@ class _AltLoRABase(PairedOptimizer):
         halves = [self._gather(group, bucket, factor, t)
                   for factor in self._active(group, t)
                   for bucket in self.pair_buckets(group, needs_grad=factor)]
-        norm_sq = None
+        norm_sq, per_pair = None, None
         if self.max_grad_norm and halves:
-            norm_sq = torch.cat([self._lifted_sq_norms(group, h) for h in halves]).to(torch.float64)
-            norm_sq = torch.where(norm_sq.isfinite(), norm_sq, 0.0).sum()
+            sq = [self._lifted_sq_norms(group, h) for h in halves]
+            if group["clip_scope"] == "pair":  # each pair's step on its own
+                per_pair = [(self.max_grad_norm / (x.sqrt() + 1e-6)).clamp(max=1.0).view(-1, 1, 1) for x in sq]
+            else:
+                norm_sq = torch.cat(sq).to(torch.float64)
+                norm_sq = torch.where(norm_sq.isfinite(), norm_sq, 0.0).sum()
 
         def finish(coef: torch.Tensor | None) -> None:
             # Compute every update before applying any: the joint mode is a Jacobi update.
-            for apply in [self._factor_update(group, h, t, coef) for h in halves]:
+            coefs = per_pair or [coef] * len(halves)
+            for apply in [self._factor_update(group, h, t, c) for h, c in zip(halves, coefs)]:
                 apply()
 
         return PlannedStep(norm_sq, finish)
@@ -429,7 +436,7 @@ class _AltLoRABase(PairedOptimizer):
         return apply
 
 
-class AltLoRA(_AltLoRABase):
+class AltLoRA(AltLoRABase):
     r"""AltLoRA (Algorithm 1): alternating projected-gradient steps with projected momentum.
 
     Each ``step()`` updates one factor of every LoRA pair (A first by default), using the
@@ -466,6 +473,9 @@ class AltLoRA(_AltLoRABase):
         linalg_dtype: ``torch.float64`` to do state and r x r algebra in double precision.
     """
 
+    name = "altlora"
+    description = "AltLoRA (Algorithm 1): alternating projected gradients with projected momentum"
+
     lr_is_adam_scale = False  # aux_lr defaults to 1e-3, not lr
 
     def __init__(self, params: Any = None, lr: float = 0.3, *, beta1: float = 0.9,
@@ -487,7 +497,7 @@ class AltLoRA(_AltLoRABase):
         return group["beta1"], 0.0, 0.0
 
 
-class AltLoRAPlus(_AltLoRABase):
+class AltLoRAPlus(AltLoRABase):
     r"""AltLoRA+ (Algorithm 2): AltLoRA plus an Adam-style second moment.
 
     The stored first moment is the *projected* one (as in the paper, unlike the released
@@ -495,6 +505,9 @@ class AltLoRAPlus(_AltLoRABase):
     ``eps`` is added outside the square root; no bias correction unless asked for.
     Arguments are those of :class:`AltLoRA` with ``betas=(beta1, beta2)`` and ``eps``.
     """
+
+    name = "altlora_plus"
+    description = "AltLoRA+ (Algorithm 2): AltLoRA plus an unprojected second moment"
 
     _second_moment = True
 

@@ -26,6 +26,7 @@ import torch
 
 from ..validate import check_betas, check_range
 from .paired import PairedOptimizer
+from .sharding import all_finite_everywhere
 
 __all__ = ["LoRAPlus"]
 
@@ -42,14 +43,18 @@ class LoRAPlus(PairedOptimizer):
         ratio_on_vectors: give 1-D non-LoRA tensors ``ratio * aux_lr`` (PEFT's rule).
         lr_embedding: learning rate of both factors of Embedding LoRA pairs (scaled by the
             scheduler like ``lr``); ``None`` = the A/B rule.
-        aux_lr, aux_weight_decay, ...: see :class:`~altlora.optim.paired.PairedOptimizer`.
+        aux_lr, aux_betas, aux_eps, aux_weight_decay, ...: see
+            :class:`~altlora.optim.paired.PairedOptimizer` (defaults: lr, betas, eps, weight_decay).
     """
+
+    name = "lora_plus"
+    description = "LoRA+: AdamW with lr for A and ratio * lr for B (weight decay honoured)"
 
     def __init__(self, params: Any = None, lr: float = 1e-4, *, ratio: float = 16.0,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, ratio_on_vectors: bool = True,
-                 lr_embedding: float | None = None, aux_weight_decay: float | None = None,
-                 **kwargs: Any) -> None:
+                 lr_embedding: float | None = None, aux_betas: tuple[float, float] | None = None,
+                 aux_eps: float | None = None, aux_weight_decay: float | None = None, **kwargs: Any) -> None:
         check_range("ratio", ratio, 0.0, None)
         check_betas("betas", betas)
         check_range("eps", eps, 0.0, None)
@@ -59,7 +64,7 @@ class LoRAPlus(PairedOptimizer):
         self.ratio_on_vectors = bool(ratio_on_vectors)
         super().__init__(
             params, dict(lr=lr, ratio=float(ratio), betas=tuple(betas), eps=eps, weight_decay=weight_decay),
-            aux_betas=tuple(betas), aux_eps=eps,
+            aux_betas=tuple(betas if aux_betas is None else aux_betas), aux_eps=eps if aux_eps is None else aux_eps,
             aux_weight_decay=weight_decay if aux_weight_decay is None else aux_weight_decay, **kwargs)
         for group, pairs in zip(self.param_groups, self._sources):
             if pairs is not None:  # plain metadata, saved with the group
@@ -69,13 +74,28 @@ class LoRAPlus(PairedOptimizer):
     def _lora_step(self, group: dict) -> None:
         ps, lr = group["params"], group["lr"]  # [A1, B1, A2, B2, ...]
         emb = group.get("embedding_pairs") or [False] * (len(ps) // 2)
+        ok = self._finite_pairs(group)
         special = group.get("embedding_lr_ratio") is not None
         for factor, factor_lr in ((0, lr), (1, lr * group["ratio"])):
-            self._aux_step({**group, "lr": factor_lr,
-                            "params": [p for p, e in zip(ps[factor::2], emb) if not (special and e)]})
+            self._aux_step({**group, "lr": factor_lr, "params": [
+                p for p, e, good in zip(ps[factor::2], emb, ok) if good and not (special and e)]})
         if special:
             self._aux_step({**group, "lr": lr * group["embedding_lr_ratio"],
-                            "params": [p for i, p in enumerate(ps) if emb[i // 2]]})
+                            "params": [p for i, p in enumerate(ps) if emb[i // 2] and ok[i // 2]]})
+
+    def _finite_pairs(self, group: dict) -> list[bool]:
+        """Per pair: both gradients finite (a pair without gradients counts as finite). Pairs that
+        are not are skipped and counted (on A's state), or raise under ``on_nonfinite="raise"``."""
+        ps = group["params"]
+        grads = [p.grad if p.grad is not None else torch.zeros((), device=p.device) for p in ps]
+        flags = all_finite_everywhere(grads).view(-1, 2).all(1)
+        self._raise_if_nonfinite(group, list(range(len(flags))), flags, "factors A, B")
+        if not bool(flags.all()):
+            states = [self.state[A] for A in ps[0::2]]
+            for st in states:
+                st.setdefault("nonfinite_skips", torch.zeros((), dtype=torch.int64, device=ps[0].device))
+            self._count_skips(states, flags.to(states[0]["nonfinite_skips"].device))
+        return flags.tolist()
 
     def _aux_step(self, group: dict, coef: torch.Tensor | None = None) -> None:
         if group.get("lora") or not self.ratio_on_vectors:

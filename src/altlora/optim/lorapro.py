@@ -175,6 +175,9 @@ class LoRAProSGD(_LoRAProBase):
         aux_*, on_nonfinite, linalg_dtype: see :class:`~altlora.optim.paired.PairedOptimizer`.
     """
 
+    name = "lora_pro_sgd"
+    description = "LoRA-Pro (SGD): tangent-space-projected full gradient step"
+
     lr_is_adam_scale = False  # aux_lr defaults to 1e-3, not lr
 
     def __init__(self, params: Any = None, lr: float = 1e-3, *, weight_decay: float = 0.0,
@@ -194,6 +197,9 @@ class LoRAPro(_LoRAProBase):
         betas, eps: Adam coefficients on the k x d moments (bias-corrected with the true step).
         weight_decay, ridge, x_mode: as :class:`LoRAProSGD`.
     """
+
+    name = "lora_pro"
+    description = "LoRA-Pro (AdamW): Adam on the k x d equivalent gradient (2kd state), Sylvester-optimal X"
 
     _full = True
 

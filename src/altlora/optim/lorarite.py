@@ -100,6 +100,9 @@ class LoRARite(PairedOptimizer):
         aux_*, on_nonfinite, linalg_dtype: see :class:`~altlora.optim.paired.PairedOptimizer`.
     """
 
+    name = "lora_rite"
+    description = "LoRA-RITE: transformation-invariant adaptive moments in the factors' bases"
+
     def __init__(self, params: Any = None, lr: float = 1e-4, *, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-6, weight_decay: float = 0.0, clip_unmagnified_grad: float = 1.0,
                  update_capping: float = 1.0, update_skipping: float = 5.0, apply_escape: bool = True,

@@ -360,7 +360,7 @@ class PairedOptimizer(torch.optim.Optimizer):
             if p.grad.is_sparse:
                 raise RuntimeError("sparse gradients are not supported; use a dense embedding")
             st = self.state[p]
-            if not st:
+            if "exp_avg" not in st:
                 dt = state_dtype_for(p, None)
                 st["step"] = torch.zeros((), dtype=torch.float32)
                 st["exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)

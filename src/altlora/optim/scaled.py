@@ -115,6 +115,9 @@ class ScaledGD(_Scaled):
         aux_*, on_nonfinite, linalg_dtype: see :class:`~altlora.optim.paired.PairedOptimizer`.
     """
 
+    name = "scaled_gd"
+    description = "ScaledGD: r x r Riemannian-preconditioned gradient descent on A and B"
+
     lr_is_adam_scale = False  # aux_lr defaults to 1e-3, not lr
 
     def __init__(self, params: Any = None, lr: float = 1e-2, *, weight_decay: float = 0.0,
@@ -132,6 +135,9 @@ class ScaledAdamW(_Scaled):
             ``torch.optim.AdamW`` and the GPT-2 recipe; the Mistral code's ``AdamWr`` defaults
             to False).
     """
+
+    name = "scaled_adamw"
+    description = "Scaled AdamW: AdamW on Riemannian-preconditioned LoRA gradients"
 
     _adam = True
 

@@ -114,6 +114,17 @@ def all_reduce_and(flags: torch.Tensor, layout: Layout) -> torch.Tensor:
     return as_int.bool()
 
 
+def all_finite_everywhere(ts: list[torch.Tensor]) -> torch.Tensor:
+    """Per tensor, is every entry finite, on every rank that holds a shard of it (a 0-d bool
+    each, stacked)? A DTensor's flag is combined over its whole device mesh."""
+    flags = torch.stack([torch.isfinite(t.to_local() if is_dtensor(t) else t).all() for t in ts])
+    meshes = {id(t.device_mesh): t.device_mesh for t in ts if is_dtensor(t)}
+    for mesh in meshes.values():
+        for dim in range(mesh.ndim):
+            flags = all_reduce_and(flags, Layout(group=mesh.get_group(dim)))
+    return flags
+
+
 def full(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor (gathers a DTensor); for diagnostics only."""
     return t.full_tensor() if is_dtensor(t) else t
