@@ -254,7 +254,6 @@ def test_stats_reports_phase_skips_and_gram_conditions():
     (dict(ridge=-1e-6), "ridge"),
     (dict(relative_ridge=-1.0), "relative_ridge"),
     (dict(max_grad_norm=-1.0), "max_grad_norm"),
-    (dict(clip_scope="layer"), "clip_scope"),
 ])
 def test_invalid_hyperparameters_are_rejected(kwargs, match):
     prob = Problem()

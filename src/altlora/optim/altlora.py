@@ -228,7 +228,7 @@ class AltLoRABase(PairedOptimizer):
                  mode: str, convention: str, divide_by_scaling_sq: bool | None,
                  bias_correction: str | bool | None, weight_decay: float, ridge: float,
                  relative_ridge: float, max_grad_norm: float | None, batched: bool | None,
-                 clip_scope: str = "global", **kwargs: Any) -> None:
+                 **kwargs: Any) -> None:
         if convention not in _CONVENTIONS:
             raise ValueError(f"convention must be one of {sorted(_CONVENTIONS)}, got {convention!r}")
         preset = _CONVENTIONS[convention]  # fills every option left at None
@@ -245,8 +245,6 @@ class AltLoRABase(PairedOptimizer):
             check_range("max_grad_norm", max_grad_norm, 0.0, None)
         if batched not in (None, True, False):
             raise ValueError(f"batched must be None (automatic), True or False, got {batched!r}")
-        if clip_scope not in ("global", "pair"):
-            raise ValueError(f"clip_scope must be 'global' or 'pair', got {clip_scope!r}")
         if mode not in ("alternating", "joint"):
             raise ValueError(f"mode must be 'alternating' or 'joint', got {mode!r}")
         check_range("weight_decay", weight_decay, 0.0, None)
@@ -255,7 +253,7 @@ class AltLoRABase(PairedOptimizer):
         if bias_correction not in ("none", "first", "both"):
             raise ValueError(f"bias_correction must be 'none', 'first' or 'both', got {bias_correction!r}")
         lora_options.update(
-            weight_decay=weight_decay, ridge=ridge, relative_ridge=relative_ridge, clip_scope=clip_scope,
+            weight_decay=weight_decay, ridge=ridge, relative_ridge=relative_ridge,
             switch_every=switch_every, first=first,
             mode=mode, divide_by_scaling_sq=bool(divide_by_scaling_sq),
             bias_correction=bias_correction, batched=batched,
@@ -312,19 +310,14 @@ class AltLoRABase(PairedOptimizer):
         halves = [self._gather(group, bucket, factor, t)
                   for factor in self._active(group, t)
                   for bucket in self.pair_buckets(group, needs_grad=factor)]
-        norm_sq, per_pair = None, None
+        norm_sq = None
         if self.max_grad_norm and halves:
-            sq = [self._lifted_sq_norms(group, h) for h in halves]
-            if group["clip_scope"] == "pair":  # each pair's step on its own
-                per_pair = [(self.max_grad_norm / (x.sqrt() + 1e-6)).clamp(max=1.0).view(-1, 1, 1) for x in sq]
-            else:
-                norm_sq = torch.cat(sq).to(torch.float64)
-                norm_sq = torch.where(norm_sq.isfinite(), norm_sq, 0.0).sum()
+            norm_sq = torch.cat([self._lifted_sq_norms(group, h) for h in halves]).to(torch.float64)
+            norm_sq = torch.where(norm_sq.isfinite(), norm_sq, 0.0).sum()
 
         def finish(coef: torch.Tensor | None) -> None:
             # Compute every update before applying any: the joint mode is a Jacobi update.
-            coefs = per_pair or [coef] * len(halves)
-            for apply in [self._factor_update(group, h, t, c) for h, c in zip(halves, coefs)]:
+            for apply in [self._factor_update(group, h, t, coef) for h in halves]:
                 apply()
 
         return PlannedStep(norm_sq, finish)
