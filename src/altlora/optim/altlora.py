@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 
 from ..validate import check_betas, check_range
-from .paired import PairBucket, PairedOptimizer, PlannedStep, state_dtype_for
+from .paired import Clip, PairBucket, PairedOptimizer, state_dtype_for
 from .sharding import (OTHER, Layout, all_reduce_and, all_reduce_sum, full, layout_of, local_r_first, r_first,
                        write_r_first)
 
@@ -213,6 +213,19 @@ class _HalfStep:
     batched: bool
 
 
+@dataclass
+class _HalfUpdate:
+    """What a half-step writes: new factor values and moments (lists, per pair), which pairs are
+    ``ok``, and the basis change (or phase-start snapshots) for the other factor's momentum."""
+
+    X: list[torch.Tensor]
+    M: list[torch.Tensor]
+    V: list[torch.Tensor] | None
+    ok: torch.Tensor
+    cross: torch.Tensor | None
+    snapshots: list[torch.Tensor] | None
+
+
 class AltLoRABase(PairedOptimizer):
     """Shared implementation; see :class:`AltLoRA` and :class:`AltLoRAPlus`."""
 
@@ -304,23 +317,22 @@ class AltLoRABase(PairedOptimizer):
         raise NotImplementedError
 
     # ---------------------------------------------------------------- step
-    def _plan_lora_step(self, group: dict) -> PlannedStep:
+    def _read(self, group: dict) -> list[_HalfStep]:
         self._resolve_first(group)
-        t = group["step"]
-        halves = [self._gather(group, bucket, factor, t)
-                  for factor in self._active(group, t)
-                  for bucket in self.pair_buckets(group, needs_grad=factor)]
-        norm_sq = None
-        if self.max_grad_norm and halves:
-            norm_sq = torch.cat([self._lifted_sq_norms(group, h) for h in halves]).to(torch.float64)
-            norm_sq = torch.where(norm_sq.isfinite(), norm_sq, 0.0).sum()
+        return [self._gather(group, bucket, factor)
+                for factor in self._active(group, group["step"])
+                for bucket in self.pair_buckets(group, needs_grad=factor)]
 
-        def finish(coef: torch.Tensor | None) -> None:
-            # Compute every update before applying any: the joint mode is a Jacobi update.
-            for apply in [self._factor_update(group, h, t, coef) for h in halves]:
-                apply()
-
-        return PlannedStep(norm_sq, finish)
+    def _clip(self, reads: list[tuple[dict, list[_HalfStep]]]) -> Clip:
+        """Global clipping of the full-weight steps (:func:`lifted_sq_norms`), with the aux tensors."""
+        if not self.max_grad_norm:
+            return Clip()
+        norms = []
+        for group, halves in reads:
+            if halves:
+                sq = torch.cat([self._lifted_sq_norms(group, h) for h in halves]).to(torch.float64)
+                norms.append(torch.where(sq.isfinite(), sq, 0.0).sum())
+        return self._clip_to(norms)
 
     def _state(self, p: torch.Tensor, like: torch.Tensor, factor: str) -> dict:
         """State of factor ``p``; ``like`` is its (local) rank-first view in the state dtype.
@@ -336,7 +348,7 @@ class AltLoRABase(PairedOptimizer):
             st["nonfinite_skips"] = torch.zeros((), dtype=torch.int64, device=dev)
         return st
 
-    def _gather(self, group: dict, bucket: PairBucket, factor: str, t: int) -> _HalfStep:
+    def _gather(self, group: dict, bucket: PairBucket, factor: str) -> _HalfStep:
         """Rank-first views of one bucket's active factor, its gradient and state, and the Gram
         of the other factor (all-reduced over column shards)."""
         other = OTHER[factor]
@@ -376,8 +388,10 @@ class AltLoRABase(PairedOptimizer):
         scaling = torch.tensor(h.bucket.scaling, dtype=h.gram.dtype, device=h.gram.device)
         return lifted_sq_norms(grad_grams, h.gram, inv_s2=h.inv_s2, scaling=scaling, ridge=h.ridge)
 
-    def _factor_update(self, group: dict, h: _HalfStep, t: int, coef: torch.Tensor | None):
-        factor, X, states = h.factor, h.X, h.x_states
+    def _compute(self, group: dict, h: _HalfStep, clip: Clip) -> _HalfUpdate:
+        """Algorithm 1 or 2 for one half-step (:func:`altlora_factor_update`), plus the Theorem 2
+        bookkeeping: the r x r basis change the other factor's momentum will need."""
+        factor, X, states, t = h.factor, h.X, h.x_states, group["step"]
         every = 1 if group["mode"] == "joint" else group["switch_every"]
         phase_first, phase_last = t % every == 0, (t + 1) % every == 0
         # At a phase's first step the other factor has moved since this factor's last update:
@@ -392,7 +406,7 @@ class AltLoRABase(PairedOptimizer):
         X_new, M_new, V_new, ok = altlora_factor_update(
             X, h.G, h.M, h.V, h.gram, cross, inv_s2=h.inv_s2, lr=group["lr"], beta1=beta1, beta2=beta2,
             eps=eps, weight_decay=group["weight_decay"], ridge=h.ridge, bc1=bc1, bc2=bc2,
-            clip_coef=1.0 if coef is None else coef.to(h.gram.dtype),
+            clip_coef=1.0 if clip.coef is None else clip.coef.to(h.gram.dtype),
             sync_ok=lambda flags: all_reduce_and(flags, h.x_lay),
         )
         self._raise_if_nonfinite(group, h.bucket.index, ok, f"factor {factor}")
@@ -411,22 +425,22 @@ class AltLoRABase(PairedOptimizer):
         if h.batched:
             X_new, M_new = list(X_new[0].unbind(0)), list(M_new[0].unbind(0))
             V_new = list(V_new[0].unbind(0)) if V_new is not None else None
+        return _HalfUpdate(X_new, M_new, V_new, ok, cross_out, snapshots)
 
-        def apply() -> None:
-            write_r_first(h.params, factor, h.x_lay, X_new)
-            # adopt the new moment tensors (no copy) in the factor's own layout
-            for s, m in zip(states, M_new):
-                s["exp_avg"] = r_first(m, factor).contiguous()
-            for s, v in zip(states, V_new or ()):
-                s["exp_avg_sq"] = r_first(v, factor).contiguous()
-            if cross_out is not None:
-                torch._foreach_copy_([s["basis_cross"] for s in states], list(cross_out.unbind(0)))
-            if snapshots is not None:
-                for s, snap in zip(states, snapshots):
-                    s["phase_start"] = snap
-            self._count_skips(states, ok)
-
-        return apply
+    def _apply(self, group: dict, h: _HalfStep, u: _HalfUpdate) -> None:
+        factor, states = h.factor, h.x_states
+        write_r_first(h.params, factor, h.x_lay, u.X)
+        # adopt the new moment tensors (no copy) in the factor's own layout
+        for s, m in zip(states, u.M):
+            s["exp_avg"] = r_first(m, factor).contiguous()
+        for s, v in zip(states, u.V or ()):
+            s["exp_avg_sq"] = r_first(v, factor).contiguous()
+        if u.cross is not None:
+            torch._foreach_copy_([s["basis_cross"] for s in states], list(u.cross.unbind(0)))
+        if u.snapshots is not None:
+            for s, snap in zip(states, u.snapshots):
+                s["phase_start"] = snap
+        self._count_skips(states, u.ok)
 
 
 class AltLoRA(AltLoRABase):

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ..validate import check_betas, check_range
-from .paired import PairedOptimizer
+from .paired import Clip, PairedOptimizer
 from .sharding import all_finite_everywhere
 
 __all__ = ["LoRAPlus"]
@@ -71,10 +71,29 @@ class LoRAPlus(PairedOptimizer):
                 group["embedding_pairs"] = [pr.kind == "embedding" for pr in pairs]
                 group["embedding_lr_ratio"] = None if lr_embedding is None else lr_embedding / lr if lr else 0.0
 
-    def _lora_step(self, group: dict) -> None:
+    def _read(self, group: dict) -> list[dict]:
+        return [group]  # every factor is its own AdamW tensor: one work item per group
+
+    def _compute(self, group: dict, work: dict, clip: Clip) -> list[bool]:
+        """Per pair: are both gradients finite (on every rank)? A pair without gradients counts as
+        finite. Raises under ``on_nonfinite="raise"``."""
+        ps = group["params"]
+        grads = [p.grad if p.grad is not None else torch.zeros((), device=p.device) for p in ps]
+        flags = all_finite_everywhere(grads).view(-1, 2).all(1)
+        self._raise_if_nonfinite(group, list(range(len(flags))), flags, "factors A, B")
+        return flags
+
+    def _apply(self, group: dict, work: dict, flags: torch.Tensor) -> None:
+        """AdamW on each factor at its lr (lr for A, ratio * lr for B); non-finite pairs are skipped
+        and counted on A's state."""
         ps, lr = group["params"], group["lr"]  # [A1, B1, A2, B2, ...]
+        ok = flags.tolist()
+        if not all(ok):
+            states = [self.state[A] for A in ps[0::2]]
+            for st in states:
+                st.setdefault("nonfinite_skips", torch.zeros((), dtype=torch.int64, device=ps[0].device))
+            self._count_skips(states, flags.to(states[0]["nonfinite_skips"].device))
         emb = group.get("embedding_pairs") or [False] * (len(ps) // 2)
-        ok = self._finite_pairs(group)
         special = group.get("embedding_lr_ratio") is not None
         for factor, factor_lr in ((0, lr), (1, lr * group["ratio"])):
             self._aux_step({**group, "lr": factor_lr, "params": [
@@ -82,20 +101,6 @@ class LoRAPlus(PairedOptimizer):
         if special:
             self._aux_step({**group, "lr": lr * group["embedding_lr_ratio"],
                             "params": [p for i, p in enumerate(ps) if emb[i // 2] and ok[i // 2]]})
-
-    def _finite_pairs(self, group: dict) -> list[bool]:
-        """Per pair: both gradients finite (a pair without gradients counts as finite). Pairs that
-        are not are skipped and counted (on A's state), or raise under ``on_nonfinite="raise"``."""
-        ps = group["params"]
-        grads = [p.grad if p.grad is not None else torch.zeros((), device=p.device) for p in ps]
-        flags = all_finite_everywhere(grads).view(-1, 2).all(1)
-        self._raise_if_nonfinite(group, list(range(len(flags))), flags, "factors A, B")
-        if not bool(flags.all()):
-            states = [self.state[A] for A in ps[0::2]]
-            for st in states:
-                st.setdefault("nonfinite_skips", torch.zeros((), dtype=torch.int64, device=ps[0].device))
-            self._count_skips(states, flags.to(states[0]["nonfinite_skips"].device))
-        return flags.tolist()
 
     def _aux_step(self, group: dict, coef: torch.Tensor | None = None) -> None:
         if group.get("lora") or not self.ratio_on_vectors:

@@ -41,7 +41,7 @@ from ..pairing import as_matrix
 from ..validate import check_betas, check_range
 from ._batched import (advance_steps, all_finite, eigh_psd, mask_pairs, new_counter, pinv_from_eigh,
                        stack_factor, stack_grad, sylvester_psd, write_factor)
-from .paired import PairBucket, PairedOptimizer, state_dtype_for
+from .paired import Clip, PairBucket, PairedOptimizer, state_dtype_for
 
 __all__ = ["LoRAPro", "LoRAProSGD", "GramBasis", "gram_basis", "lora_pro_gradients",
            "equivalent_gradient"]
@@ -113,34 +113,41 @@ class _LoRAProBase(PairedOptimizer):
                 st["exp_avg_sq"] = torch.zeros(k, d, dtype=dt, device=A.device)
         return [self.state[p] for p in bucket.A]
 
-    def _lora_step(self, group: dict) -> None:
+    def _read(self, group: dict) -> list[tuple]:
+        work = []
         for bucket in self.pair_buckets(group, needs_grad="A"):
-            self._bucket_step(group, bucket)
+            dt = state_dtype_for(bucket.A[0], self.linalg_dtype)
+            work.append((bucket, self._states(bucket, dt), stack_factor(bucket.A, "A", dt),
+                         stack_factor(bucket.B, "B", dt).mT, stack_grad(bucket.A, "A", dt),
+                         stack_grad(bucket.B, "B", dt).mT))
+        return work
 
-    def _bucket_step(self, group: dict, bucket: PairBucket) -> None:
-        dt = state_dtype_for(bucket.A[0], self.linalg_dtype)
-        a_states = self._states(bucket, dt)
-        A = stack_factor(bucket.A, "A", dt)
-        B = stack_factor(bucket.B, "B", dt).mT
-        gA, gB = stack_grad(bucket.A, "A", dt), stack_grad(bucket.B, "B", dt).mT
+    def _compute(self, group: dict, work: tuple, clip: Clip) -> tuple:
+        """Theorems 2.1-2.2 (:func:`lora_pro_gradients`); the AdamW version first runs Adam on the
+        k x d equivalent gradient (its moments are updated in place: they are the big tensors)."""
+        bucket, a_states, A, B, gA, gB = work
         ok = all_finite(gA, gB)
         gA, gB = mask_pairs(ok, gA, torch.zeros_like(gA)), mask_pairs(ok, gB, torch.zeros_like(gB))
-        s = torch.tensor(bucket.scaling, dtype=dt, device=A.device).view(-1, 1, 1)
+        s = torch.tensor(bucket.scaling, dtype=A.dtype, device=A.device).view(-1, 1, 1)
         basis = gram_basis(A, B, group["ridge"])
-        solve_x = group["x_mode"] == "sylvester"
         if self._full:
             g0A, g0B, _ = lora_pro_gradients(basis, A, B, gA, gB, 1 / s**2, solve_x=False)
             g_eq = equivalent_gradient(A, B, g0A, g0B, s)
             ok = ok & all_finite(g_eq)
             G_hat = self._adam(group, a_states, g_eq, ok)
             gA, gB = s * (B.mT @ G_hat), s * (G_hat @ A.mT)
-        dA, dB, _ = lora_pro_gradients(basis, A, B, gA, gB, 1 / s**2, solve_x=solve_x)
+        dA, dB, _ = lora_pro_gradients(basis, A, B, gA, gB, 1 / s**2, solve_x=group["x_mode"] == "sylvester")
         lr, wd = group["lr"], group["weight_decay"]
         A_new, B_new = A - lr * (dA + wd * A), B - lr * (dB + wd * B)
         ok = ok & all_finite(A_new, B_new)
         self._raise_if_nonfinite(group, bucket.index, ok, "factors A, B")
-        write_factor(bucket.A, "A", mask_pairs(ok, A_new, A))
-        write_factor(bucket.B, "B", mask_pairs(ok, B_new, B).mT)
+        return mask_pairs(ok, A_new, A), mask_pairs(ok, B_new, B), ok
+
+    def _apply(self, group: dict, work: tuple, update: tuple) -> None:
+        bucket, a_states = work[:2]
+        A_new, B_new, ok = update
+        write_factor(bucket.A, "A", A_new)
+        write_factor(bucket.B, "B", B_new.mT)
         self._count_skips(a_states, ok)
 
     def _adam(self, group: dict, states: list[dict], g: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,7 @@ import torch
 from ..validate import check_betas, check_range
 from ._batched import (advance_steps, all_finite, eigh_psd, mask_pairs, new_counter, stack_factor, stack_grad,
                        sym, write_factor)
-from .paired import PairBucket, PairedOptimizer, r_first, state_dtype_for
+from .paired import Clip, PairBucket, PairedOptimizer, r_first, state_dtype_for
 
 __all__ = ["LoRARite", "rite_factor_update"]
 
@@ -117,7 +117,6 @@ class LoRARite(PairedOptimizer):
             clip_unmagnified_grad=clip_unmagnified_grad, update_capping=update_capping,
             update_skipping=update_skipping, apply_escape=bool(apply_escape),
             balance_param=bool(balance_param)), **kwargs)
-        self._pass1: dict | None = None
 
     # ------------------------------------------------------------------ state
     def _state(self, p: torch.Tensor, factor: str, dt: torch.dtype) -> dict:
@@ -133,14 +132,6 @@ class LoRARite(PairedOptimizer):
         return st
 
     # ------------------------------------------------------------------ stepping
-    @torch.no_grad()
-    def step(self, closure=None):
-        self._pass1 = None
-        try:
-            return super().step(closure)
-        finally:
-            self._pass1 = None
-
     def _unmagnify(self, group: dict, bucket: PairBucket) -> dict:
         """Steps 1-2 for one bucket (column form)."""
         dt = state_dtype_for(bucket.A[0], self.linalg_dtype)
@@ -158,26 +149,20 @@ class LoRARite(PairedOptimizer):
             Gbar[f] = torch.where(_rms(g) > skip, 0.0, g) if skip > 0 else g
         return dict(dt=dt, X=X, U=U, Rp=Rp, Gbar=Gbar, ok=ok)
 
-    def _first_pass(self) -> dict:
-        work, sq = {}, []
-        for group in self.param_groups:
-            if group.get("lora"):
-                items = [(b, self._unmagnify(group, b)) for b in self.pair_buckets(group, needs_grad="A")]
-                work[id(group)] = items
-                sq += [w["Gbar"][f].square().sum() for _, w in items for f in ("A", "B")]
-        work["norm"] = torch.stack(sq).sum().sqrt() if sq else None
-        return work
+    def _read(self, group: dict) -> list[tuple[PairBucket, dict]]:
+        return [(bucket, self._unmagnify(group, bucket)) for bucket in self.pair_buckets(group, needs_grad="A")]
 
-    def _lora_step(self, group: dict) -> None:
-        if self._pass1 is None:
-            self._pass1 = self._first_pass()
-        for bucket, w in self._pass1[id(group)]:
-            self._bucket_step(group, bucket, w, self._pass1["norm"])
+    def _clip(self, reads: list[tuple[dict, list]]) -> Clip:
+        """The global norm of the unmagnified gradients over every pair (each group clips at its
+        ``clip_unmagnified_grad``)."""
+        sq = [w["Gbar"][f].square().sum() for _, items in reads for _, w in items for f in ("A", "B")]
+        return Clip(norm=torch.stack(sq).sum().sqrt() if sq else None)
 
-    def _bucket_step(self, group: dict, bucket: PairBucket, w: dict, norm: torch.Tensor) -> None:
+    def _compute(self, group: dict, work: tuple[PairBucket, dict], clip: Clip) -> tuple:
+        bucket, w = work
         dt, X, U, Rp, Gbar, ok = (w[k] for k in ("dt", "X", "U", "Rp", "Gbar", "ok"))
         c = group["clip_unmagnified_grad"]
-        clip = (c / norm.clamp_min(c)).to(dt) if c > 0 else 1.0
+        scale = (c / clip.norm.clamp_min(c)).to(dt) if c > 0 else 1.0
         states = {"A": [self._state(p, "A", dt) for p in bucket.A],
                   "B": [self._state(p, "B", dt) for p in bucket.B]}
         b1, b2 = group["betas"]
@@ -188,7 +173,7 @@ class LoRARite(PairedOptimizer):
             stacked = {k: torch.stack([st[k] for st in states[f]]) for k in ("exp_avg", "exp_avg_sq", "escape")}
             U_old = torch.stack([st["basis"] for st in states[o]])
             new[f] = rite_factor_update(
-                clip * Gbar[f], X[f], U[o], U_old, Rp[o], stacked["exp_avg"], stacked["exp_avg_sq"],
+                scale * Gbar[f], X[f], U[o], U_old, Rp[o], stacked["exp_avg"], stacked["exp_avg_sq"],
                 stacked["escape"], beta1=hat[0], beta2=hat[1], lr=group["lr"], eps=group["eps"],
                 weight_decay=group["weight_decay"], apply_escape=group["apply_escape"],
                 update_capping=group["update_capping"]) + (stacked,)
@@ -200,6 +185,11 @@ class LoRARite(PairedOptimizer):
             XA, XB = XA * (mean / nA), XB * (mean / nB)
         ok = ok & all_finite(XA, XB)
         self._raise_if_nonfinite(group, bucket.index, ok, "factors A, B")
+        return states, new, XA, XB, ok
+
+    def _apply(self, group: dict, work: tuple[PairBucket, dict], update: tuple) -> None:
+        (bucket, w), (states, new, XA, XB, ok) = work, update
+        X, U = w["X"], w["U"]
         write_factor(bucket.A, "A", mask_pairs(ok, XA, X["A"]).mT)
         write_factor(bucket.B, "B", mask_pairs(ok, XB, X["B"]).mT)
         for f in ("A", "B"):

@@ -22,7 +22,7 @@ from ..validate import check_betas, check_range
 from .adamw import adamw_update
 from .sharding import full, r_first
 
-__all__ = ["PairedOptimizer", "PairBucket", "r_first", "check_not_flattened"]
+__all__ = ["PairedOptimizer", "PairBucket", "Clip", "r_first", "check_not_flattened"]
 
 _DEEPSPEED_MSG = (
     "{what}: the parameters look flattened or partitioned by DeepSpeed ZeRO, so the optimizer "
@@ -68,15 +68,13 @@ class PairBucket:
 
 
 @dataclass
-class PlannedStep:
-    """A LoRA group's step between reading its gradients and applying it.
+class Clip:
+    """What an optimizer that clips measured before this step: ``norm``, the global gradient norm
+    in its own geometry, and ``coef``, the factor its gradients (and the AdamW tensors' gradients)
+    are scaled by (None: not clipped)."""
 
-    ``norm_sq``: squared norm of the group's gradient in the geometry its optimizer clips in
-    (None if it does not clip); ``finish(coef)`` computes and applies the step with the
-    gradients scaled by ``coef`` (None: unclipped)."""
-
-    norm_sq: torch.Tensor | None
-    finish: Callable[[torch.Tensor | None], None]
+    norm: torch.Tensor | None = None
+    coef: torch.Tensor | None = None
 
 
 def _pair_label(pr: LoRAPair, i: int) -> str:
@@ -186,8 +184,8 @@ def build_param_groups(
 class PairedOptimizer(torch.optim.Optimizer):
     """Common machinery: pairing, aux AdamW group, batching, state precision, diagnostics.
 
-    Subclasses implement :meth:`_lora_step` for one LoRA group, or :meth:`_plan_lora_step`
-    when they clip in their own geometry (``max_grad_norm``).
+    Subclasses define the stages of :meth:`step`: :meth:`_read`, :meth:`_compute`, :meth:`_apply`
+    (and :meth:`_clip` if they clip).
     """
 
     #: Does ``lr`` live on Adam's per-entry scale? Optimizers whose LoRA step is an unnormalised
@@ -262,51 +260,68 @@ class PairedOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ stepping
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
+        """The template every pair-aware optimizer follows: read each LoRA group (views, gradients,
+        state), measure for clipping across all of them, compute every update of a group before
+        applying any (so updates that read both factors see the pre-step ones), then step the
+        AdamW group of the other tensors."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         if not any(p.grad is not None for g in self.param_groups if g.get("lora") for p in g["params"]):
             warnings.warn(_NO_GRAD_MSG.format(what=type(self).__name__), stacklevel=2)
-        plans = []
+        reads = []
         for gi, group in enumerate(self.param_groups):
             if group.get("lora"):
                 self._check_lora_group(group)
                 self._refresh_scaling(gi, group)
-                plans.append((group, self._plan_lora_step(group)))
-        coef = self._clip_coefficient([plan.norm_sq for _, plan in plans])
-        for group, plan in plans:
-            plan.finish(coef)
+                reads.append((group, self._read(group)))
+        clip = self._clip(reads)
+        for group, work in reads:
+            updates = [self._compute(group, w, clip) for w in work]
+            for w, u in zip(work, updates):
+                self._apply(group, w, u)
             group["step"] += 1
         for group in self.param_groups:
             if not group.get("lora"):
-                self._aux_step(group, coef)
+                self._aux_step(group, clip.coef)
         return loss
 
-    def _plan_lora_step(self, group: dict) -> PlannedStep:
-        """Optimizers that do not clip in their own geometry step the group in ``finish``."""
-        return PlannedStep(None, lambda coef: self._lora_step(group))
-
-    def _lora_step(self, group: dict) -> None:  # pragma: no cover - abstract
+    # The four stages each optimizer defines (``_clip`` only if it clips):
+    def _read(self, group: dict) -> list[Any]:  # pragma: no cover - abstract
+        """The work items of one LoRA group (e.g. one per bucket of equal-shape pairs and factor)."""
         raise NotImplementedError
 
-    def _clip_coefficient(self, lora_norms_sq: list[torch.Tensor | None]) -> torch.Tensor | None:
-        """``min(1, max_grad_norm / N)`` (torch's ``clip_grad_norm_`` formula), N the global norm
-        of the LoRA groups' gradients in the optimizer's geometry and of the aux tensors' raw
-        gradients; non-finite contributions are left out (those pairs are skipped anyway)."""
+    def _clip(self, reads: list[tuple[dict, list[Any]]]) -> Clip:
+        return Clip()
+
+    def _compute(self, group: dict, work: Any, clip: Clip) -> Any:  # pragma: no cover - abstract
+        """The update of one work item (its functional kernel), nothing written yet."""
+        raise NotImplementedError
+
+    def _apply(self, group: dict, work: Any, update: Any) -> None:  # pragma: no cover - abstract
+        """Write the new factors and state, count skipped pairs."""
+        raise NotImplementedError
+
+    def _clip_to(self, lora_norms_sq: list[torch.Tensor]) -> Clip:
+        """Clipping at ``max_grad_norm`` with torch's ``clip_grad_norm_`` formula,
+        ``coef = min(1, max_grad_norm / (N + 1e-6))``: N is the global norm of the LoRA groups'
+        gradients in the optimizer's geometry (``lora_norms_sq``, one 0-d tensor per group) and
+        of the aux tensors' raw gradients; non-finite contributions are left out (those pairs
+        are skipped anyway)."""
         self.last_grad_norm = self.last_clip_coef = None
         if not self.max_grad_norm:
-            return None
-        parts = [n for n in lora_norms_sq if n is not None]
+            return Clip()
+        parts = list(lora_norms_sq)
         parts += [full(p.grad).double().square().sum() for g in self.param_groups if not g.get("lora")
                   for p in g["params"] if p.grad is not None]
         if not parts:
-            return None
+            return Clip()
         sq = torch.stack([x.to(device=parts[0].device, dtype=torch.float64) for x in parts])
         norm = torch.where(sq.isfinite(), sq, 0.0).sum().sqrt()
         coef = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
         self.last_grad_norm, self.last_clip_coef = norm, coef
-        return coef
+        return Clip(norm, coef)
 
     def _raise_if_nonfinite(self, group: dict, index: list[int], ok: torch.Tensor, what: str) -> None:
         """Under ``on_nonfinite="raise"``, stop before anything is written if a pair is not ``ok``."""

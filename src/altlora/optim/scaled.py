@@ -26,14 +26,14 @@ may need a larger one.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from ..validate import check_betas, check_range
 from ._batched import (adam_direction, advance_steps, all_finite, mask_pairs, new_counter, psd_pinv_solve,
                        stack_factor, stack_grad, write_factor)
-from .paired import PairBucket, PairedOptimizer, r_first, state_dtype_for
+from .paired import Clip, PairBucket, PairedOptimizer, r_first, state_dtype_for
 from .sharding import OTHER
 
 __all__ = ["ScaledGD", "ScaledAdamW", "scaled_gradient"]
@@ -42,6 +42,17 @@ def scaled_gradient(grad: torch.Tensor, Y: torch.Tensor, ridge: float) -> torch.
     """``(Y Y^T + ridge I)^+ grad`` for rank-first stacks ``grad`` (n, r, m) and ``Y`` (n, r, m')."""
     eye = torch.eye(Y.shape[-2], dtype=Y.dtype, device=Y.device)
     return psd_pinv_solve(Y @ Y.mT + ridge * eye, grad)
+
+
+class _Work(NamedTuple):
+    """One factor of one bucket, rank-first stacks (n, r, m): the factor, its gradient, the other."""
+
+    bucket: PairBucket
+    factor: str
+    states: list[dict]
+    X: torch.Tensor
+    G: torch.Tensor
+    Y: torch.Tensor
 
 
 class _Scaled(PairedOptimizer):
@@ -65,39 +76,35 @@ class _Scaled(PairedOptimizer):
                 st["exp_avg_sq"] = torch.zeros(shape, dtype=dt, device=p.device)
         return st
 
-    def _lora_step(self, group: dict) -> None:
-        # Every preconditioner from the pre-step factors (Jacobi): compute all, then apply.
-        pending = [self._factor_update(group, b, f) for f in ("A", "B")
-                   for b in self.pair_buckets(group, needs_grad=f)]
-        for apply in pending:
-            apply()
+    def _read(self, group: dict) -> list[_Work]:
+        # Every preconditioner from the pre-step factors (Jacobi): the template computes all, then applies.
+        work = []
+        for factor in ("A", "B"):
+            for bucket in self.pair_buckets(group, needs_grad=factor):
+                xs = bucket.factor(factor)
+                dt = state_dtype_for(xs[0], self.linalg_dtype)
+                work.append(_Work(bucket, factor, [self._state(p, factor, dt) for p in xs], stack_factor(xs, factor, dt),
+                                  stack_grad(xs, factor, dt), stack_factor(bucket.other(factor), OTHER[factor], dt)))
+        return work
 
-    def _factor_update(self, group: dict, bucket: PairBucket, factor: str):
-        xs, ys = bucket.factor(factor), bucket.other(factor)
-        dt = state_dtype_for(xs[0], self.linalg_dtype)
-        states = [self._state(p, factor, dt) for p in xs]
-        X = stack_factor(xs, factor, dt)
-        G = stack_grad(xs, factor, dt)
-        ok = all_finite(G)
-        g = scaled_gradient(torch.where(ok.view(-1, 1, 1), G, 0.0), stack_factor(ys, OTHER[factor], dt),
-                            group["ridge"])
-        moments = self._direction(group, states, g)
-        direction = moments[-1]
-        X_new = X - group["lr"] * (direction + group["weight_decay"] * X)
+    def _compute(self, group: dict, w: _Work, clip: Clip) -> tuple:
+        ok = all_finite(w.G)
+        g = scaled_gradient(torch.where(ok.view(-1, 1, 1), w.G, 0.0), w.Y, group["ridge"])
+        moments = self._direction(group, w.states, g)
+        X_new = w.X - group["lr"] * (moments[-1] + group["weight_decay"] * w.X)
         ok = ok & all_finite(X_new)
-        X_new = mask_pairs(ok, X_new, X)
-        self._raise_if_nonfinite(group, bucket.index, ok, f"factor {factor}")
+        self._raise_if_nonfinite(group, w.bucket.index, ok, f"factor {w.factor}")
+        return mask_pairs(ok, X_new, w.X), moments, ok
 
-        def apply() -> None:
-            write_factor(xs, factor, X_new)
-            if self._adam:
-                M, V, _ = moments
-                for key, new in (("exp_avg", M), ("exp_avg_sq", V)):
-                    old = torch.stack([st[key] for st in states])
-                    torch._foreach_copy_([st[key] for st in states], list(mask_pairs(ok, new, old).unbind(0)))
-            self._count_skips(states, ok)
-
-        return apply
+    def _apply(self, group: dict, w: _Work, update: tuple) -> None:
+        X_new, moments, ok = update
+        write_factor(w.bucket.factor(w.factor), w.factor, X_new)
+        if self._adam:
+            M, V, _ = moments
+            for key, new in (("exp_avg", M), ("exp_avg_sq", V)):
+                old = torch.stack([st[key] for st in w.states])
+                torch._foreach_copy_([st[key] for st in w.states], list(mask_pairs(ok, new, old).unbind(0)))
+        self._count_skips(w.states, ok)
 
     def _direction(self, group: dict, states: list[dict], g: torch.Tensor) -> tuple:
         return (g,)
