@@ -48,8 +48,10 @@ class OptimizerFactory:
     model must already be adapted for the method (``methods.get(name).adapt(model, ...)``).
     """
 
-    def __call__(self, model: nn.Module, name: str = "altlora", lr: float = 1e-3,
+    def __call__(self, model: nn.Module, name: str = "altlora", lr: float | None = None,
                  **hparams: Any) -> torch.optim.Optimizer:
+        """``lr`` None: the method's default (AltLoRA's is a weight-space step size, 0.3, not the
+        Trainer's ``learning_rate``, which is never read)."""
         return methods.get(name).create_optimizer(model, lr=lr, **hparams)
 
 
