@@ -119,6 +119,47 @@ def test_adalora_optimizer_calls_the_rank_allocator():
         altlora.create_optimizer(methods.get("lora").adapt(base_model(), TARGETS), "adalora", lr=1e-3)
 
 
+def test_adalora_resume_is_exact_across_rank_allocation():
+    """The allocator's importance EMAs and rank pattern live in the PEFT model; the optimizer's
+    state_dict carries them, so a resumed run prunes the same ranks and ends bit-identical."""
+    opts = dict(r=2, target_modules=["q_proj", "v_proj"], tinit=2, tfinal=2, deltaT=1)
+
+    def build(seed=0):
+        return methods.get("adalora").adapt(tiny_llama(seed), opts, total_steps=12)
+
+    def train(model, opt, start, stop):
+        for t in range(start, stop):
+            x = batch(t)
+            model(input_ids=x, labels=x).loss.backward()
+            opt.step()
+            opt.zero_grad()
+
+    ref = build()
+    ref_opt = altlora.create_optimizer(ref, "adalora", lr=1e-2)
+    train(ref, ref_opt, 0, 9)
+    ref_scores = {n: t.clone() for n, t in ref.base_model.rankallocator.exp_avg_ipt.items()}
+    train(ref, ref_opt, 9, 12)  # step 10 = total - tfinal fixes the budget and resets the scores
+    model = build()
+    opt = altlora.create_optimizer(model, "adalora", lr=1e-2)
+    train(model, opt, 0, 6)  # mid-allocation: tinit 2 < 6 < total 12 - tfinal 2
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    resumed = build(seed=3)
+    resumed.load_state_dict(ckpt["model"])
+    opt2 = altlora.create_optimizer(resumed, "adalora", lr=1e-2)
+    opt2.load_state_dict(ckpt["optim"])
+    train(resumed, opt2, 6, 9)
+    scores = resumed.base_model.rankallocator.exp_avg_ipt
+    assert scores.keys() == ref_scores.keys() and all(torch.equal(scores[n], ref_scores[n]) for n in scores)
+    train(resumed, opt2, 9, 12)
+    a = {n: p for n, p in ref.named_parameters() if p.requires_grad}
+    b = {n: p for n, p in resumed.named_parameters() if p.requires_grad}
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert ref.peft_config["default"].rank_pattern == resumed.peft_config["default"].rank_pattern
+
+
 INIT_PAIRS = [(a, "zero") for a in ("gaussian", "kaiming", "spectral")] + \
              [("zero", b) for b in ("gaussian", "kaiming", "spectral")]
 

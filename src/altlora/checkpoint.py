@@ -33,8 +33,8 @@ __all__ = ["RunError", "checkpoints", "prepare_output_dir", "atomic_write_json",
            "load_checkpoint", "rng_state"]
 
 #: Settings a resumed run may change without changing what it computes.
-RESUME_MAY_CHANGE = {"resume", "overwrite", "nproc", "threads", "device", "tensorboard", "eval_batch_size",
-                     "save_every", "save_total_limit", "log_every"}
+RESUME_MAY_CHANGE = {"resume", "overwrite", "output_dir", "nproc", "threads", "device", "tensorboard", "eval_batch_size",
+                     "save_every", "save_total_limit", "log_every", "stop_after_nonfinite"}
 
 
 class RunError(RuntimeError):
@@ -147,8 +147,11 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, progress:
 
 
 def load_checkpoint(ckpt: Path, model, optimizer, scheduler, rank: int = 0) -> dict:
-    """Restore weights, optimizer, scheduler and this process's RNG; returns ``state.json``."""
-    weights = torch.load(ckpt / "trainable.pt", weights_only=True)
+    """Restore weights, optimizer, scheduler and this process's RNG; returns ``state.json``.
+
+    A file that cannot be read (damaged after it was written) raises :class:`RunError` naming it
+    and the way out; nothing in the run folder is changed."""
+    weights = _load(ckpt, "trainable.pt")
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if weights.keys() != params.keys():
         raise RunError(f"{ckpt} does not match this model/LoRA configuration "
@@ -156,8 +159,24 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler, rank: int = 0) -> d
     with torch.no_grad():
         for n, t in weights.items():
             params[n].copy_(t)
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
-    states = torch.load(ckpt / "rng.pt", weights_only=True)
+    optimizer_state = _load(ckpt, "optimizer.pt")
+    try:
+        optimizer.load_state_dict(optimizer_state)
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise RunError(f"{ckpt / 'optimizer.pt'} is not a state of this optimizer ({type(optimizer).__name__}: "
+                       f"{e}); resume with the run's own method and settings, or start over with --overwrite") from None
+    scheduler.load_state_dict(_load(ckpt, "scheduler.pt"))
+    states = _load(ckpt, "rng.pt")
     _set_rng_state(states[rank % len(states)])  # another process count: exact unless dropout is on
     return json.loads((ckpt / "state.json").read_text())
+
+
+def _load(ckpt: Path, name: str) -> Any:
+    try:
+        return torch.load(ckpt / name, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same answer
+        older = [p.name for p in checkpoints(ckpt.parent) if p != ckpt]
+        fix = (f"resume from an older one (--resume {ckpt.parent / older[-1]}) or delete {ckpt.name}" if older
+               else "start over with --overwrite")
+        raise RunError(f"{ckpt / name} cannot be read as a torch checkpoint ({type(e).__name__}); the checkpoint "
+                       f"is damaged: {fix}") from None

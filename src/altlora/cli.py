@@ -85,7 +85,9 @@ def cmd_eval(args: argparse.Namespace, fields: set[str]) -> int:
     cfg = _config(args, fields, run_yaml)
     task = load_task_for(cfg)
     if args.adapter:
-        model, tok, _ = load_adapted(Path(args.adapter))
+        model, tok, meta = load_adapted(Path(args.adapter))
+        if task.kind == "classification":
+            task = task.relabelled(meta.get("labels") or [], f"the classifier in {args.adapter}")
     else:
         model, tok = load_model(resolve_model(cfg.model), task.kind, task.labels)
     examples = task.test if args.split == "test" else task.val

@@ -124,6 +124,8 @@ class Config:
     tensorboard: bool = _f(False, "train", "also log to TensorBoard (needs the tensorboard package)")
     overwrite: bool = _f(False, "train", "replace a finished run in output_dir")
     resume: str = _f("", "train", "'latest' (or give --resume alone) or a checkpoint folder to continue from")
+    stop_after_nonfinite: int = _f(10, "train", "stop when the loss has been non-finite for this many steps in a row "
+                                   "(0: never)")
     threads: int = _f(0, "train", "torch CPU threads (0: torch's default)")
     nproc: int = _f(1, "train", "processes for DistributedDataParallel (re-launches under torchrun; same global batch)")
 

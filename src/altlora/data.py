@@ -19,7 +19,7 @@ import csv
 import functools
 import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,17 @@ class TaskData:
     def num_labels(self) -> int:
         return len(self.labels)
 
+    def relabelled(self, known: list[str], source: str) -> "TaskData":
+        """The task with label indices in the order of ``known`` (a trained classifier's labels);
+        DataError naming the labels ``known`` lacks (the classifier cannot predict them)."""
+        unseen = [lab for lab in self.labels if lab not in known]
+        if unseen:
+            raise DataError(f"{self.name}: label(s) {unseen} were not seen in training ({source} knows "
+                            f"{known}); evaluate on data with those labels only, or train with them")
+        index = [known.index(lab) for lab in self.labels]
+        remap = lambda rows: [(x, index[y]) for x, y in rows]  # noqa: E731
+        return replace(self, train=remap(self.train), val=remap(self.val), test=remap(self.test), labels=list(known))
+
 
 # ----------------------------------------------------------------------------- splitting
 def _count(size: float, n: int) -> int:
@@ -64,6 +75,9 @@ def _count(size: float, n: int) -> int:
 def split(examples: list, val_size: float, test_size: float, seed: int) -> tuple[list, list, list]:
     """Shuffle with ``seed`` and cut test, validation, train (sizes: fractions < 1 or counts)."""
     order = list(range(len(examples)))
+    if len(order) < 3:
+        raise DataError(f"{len(order)} example(s) are too few: a task needs at least 3 (training, validation "
+                        "and test); add examples")
     random.Random(seed).shuffle(order)
     n_test, n_val = _count(test_size, len(order)), _count(val_size, len(order))
     if n_test + n_val >= len(order):

@@ -187,6 +187,13 @@ def no_pairs_message(model: nn.Module | None) -> str:
     trainable = []
     if model is not None:
         trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        frozen = [n for n, p in model.named_parameters() if not p.requires_grad and
+                  any(f"{key}." in n for key in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"))]
+        if frozen:
+            return (f"{type(model).__name__} has LoRA factors, but none is trainable ({len(frozen)} frozen, e.g. "
+                    f"{frozen[0]}): unfreeze them before building the optimizer, e.g. "
+                    "`for n, p in model.named_parameters(): p.requires_grad_('lora_' in n)`, or load the adapter "
+                    "with PeftModel.from_pretrained(..., is_trainable=True).")
     shown = ", ".join(trainable[:6]) + (" ..." if len(trainable) > 6 else "")
     where = type(model).__name__ if model is not None else "the given parameters"
     return (

@@ -36,7 +36,8 @@ from typing import Any, Callable
 import torch
 
 from . import launch, methods
-from .checkpoint import atomic_write_json, load_checkpoint, prepare_output_dir, rng_state, save_checkpoint
+from .checkpoint import (RunError, atomic_write_json, checkpoints, load_checkpoint, prepare_output_dir, rng_state,
+                         save_checkpoint)
 from .config import Config, ConfigError, save_config
 from .data import TaskData, batch_indices, collate, features, load_task_for, loss_items
 from .evaluate import eval_loss, evaluate_task
@@ -101,6 +102,7 @@ class Run:
     metrics: MetricsLog | None = None
     initial_adapter: Path | None = None
     progress: dict = field(default_factory=lambda: {"elapsed_s": 0.0, "tokens": 0, "before": None})
+    nonfinite: int = 0               # consecutive steps with a non-finite loss
     window: dict = field(default_factory=lambda: dict.fromkeys(("loss", "tokens", "time", "steps", "grad_norm"), 0.0))
 
     def to_device(self, batch: dict) -> dict:
@@ -259,6 +261,13 @@ def record(run: Run, done: int, step: dict[str, Any], bar) -> None:
     """After step ``done``: progress, a metrics row every ``log_every`` steps, validation every
     ``eval_every``, a checkpoint every ``save_every``."""
     cfg, d, window = run.cfg, run.d, run.window
+    run.nonfinite = 0 if math.isfinite(step["loss"]) else run.nonfinite + 1
+    if cfg.stop_after_nonfinite and run.nonfinite >= cfg.stop_after_nonfinite:
+        kept = [p.name for p in checkpoints(run.out)]
+        raise RunError(f"the loss has been non-finite for {run.nonfinite} steps in a row (steps "
+                       f"{done - run.nonfinite + 1}-{done}): the run diverged. Lower --lr, keep clipping on "
+                       f"(--max_grad_norm), or look for bad examples; kept: {', '.join(kept) or 'no checkpoint'}, "
+                       "no results.json (resume from a checkpoint with changed settings is refused: start a new run)")
     run.progress["elapsed_s"] += step["time"]
     run.progress["tokens"] += int(step["tokens"])
     for k in ("loss", "tokens", "time"):

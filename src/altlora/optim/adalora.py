@@ -4,8 +4,9 @@ AdaLoRA (``peft.AdaLoraConfig``) parametrises ``W = W0 + s P diag(E) Q`` and pru
 singular values ``E`` by importance; PEFT requires ``model.base_model.update_and_allocate(t)``
 after ``optimizer.step()`` and before ``zero_grad()`` at every step, which training loops
 forget. :class:`AdaLoRAAdamW` makes that call itself, with the step index kept in
-``param_groups[0]["allocator_step"]`` so it survives ``state_dict`` round trips. (The
-allocator's importance EMAs live in the PEFT model, not in the optimizer state.)
+``param_groups[0]["allocator_step"]``. Its ``state_dict`` also carries the allocator's state,
+which lives in the PEFT model (the importance EMAs and the current rank pattern), so a resumed
+run allocates exactly as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -49,6 +50,30 @@ class AdaLoRAAdamW(torch.optim.AdamW):
                 "(DTensor) parameters; train AdaLoRA under DDP (torchrun / accelerate launch) instead.")
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kwargs)
         self.param_groups[0].setdefault("allocator_step", 0)
+
+    def _adapter(self) -> tuple[Any, Any]:
+        """PEFT's RankAllocator and the AdaLoraConfig it allocates for."""
+        owner = self._allocator
+        return owner.rankallocator, owner.peft_config[owner.trainable_adapter_name]
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        allocator, config = self._adapter()
+        state["adalora_allocator"] = {
+            "ipt": dict(allocator.ipt), "exp_avg_ipt": dict(allocator.exp_avg_ipt),
+            "exp_avg_unc": dict(allocator.exp_avg_unc), "rank_pattern": config.rank_pattern}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        saved = state_dict.pop("adalora_allocator", None)
+        super().load_state_dict(state_dict)
+        if saved is not None:
+            allocator, config = self._adapter()
+            device = self.param_groups[0]["params"][0].device
+            for key in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
+                setattr(allocator, key, {n: t.to(device) for n, t in saved[key].items()})
+            config.rank_pattern = saved["rank_pattern"]
 
     @torch.no_grad()
     def step(self, closure=None):

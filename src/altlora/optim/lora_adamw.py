@@ -27,3 +27,9 @@ class LoRAAdamW(torch.optim.AdamW):
         if not params:
             raise ValueError(f"{type(model).__name__} has no trainable parameters")
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kwargs)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if any("lora" in g for g in state_dict.get("param_groups", [])):
+            raise ValueError("LoRAAdamW.load_state_dict: this state was saved by a pair-aware altlora optimizer "
+                             "(AltLoRA, LoRA+, ...), not by AdamW; resume with the optimizer that saved it")
+        super().load_state_dict(state_dict)

@@ -164,6 +164,7 @@ def build_param_groups(
                 ],
                 lora=True,
                 pair_names=[_pair_label(pr, i) for i, pr in enumerate(group_pairs)],
+                shapes=[list(t.shape) for pr in group_pairs for t in (pr.A, pr.B)],  # checked on load
                 scaling=[pr.current_scaling() for pr in group_pairs],
                 step=0,
             )
@@ -394,7 +395,9 @@ class PairedOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ state
     def load_state_dict(self, state_dict: dict) -> None:
         """Load state, keeping each saved tensor's dtype (torch would cast state to the param dtype,
-        silently turning float32 moments of bf16 parameters into bf16)."""
+        silently turning float32 moments of bf16 parameters into bf16). A state saved by another
+        kind of optimizer, or for other LoRA pairs (method, rank or target modules), is refused."""
+        self._check_same_pairs(state_dict)
         saved = {
             k: {kk: vv.dtype for kk, vv in v.items() if torch.is_tensor(vv)}
             for k, v in state_dict["state"].items()
@@ -408,6 +411,21 @@ class PairedOptimizer(torch.optim.Optimizer):
             for key, dt in dtypes.items():
                 if st[key].dtype != dt:
                     st[key] = st[key].to(dt)
+
+    def _check_same_pairs(self, state_dict: dict) -> None:
+        name = type(self).__name__
+        saved = state_dict.get("param_groups", [])
+        if any("lora" not in g for g in saved):
+            raise ValueError(f"{name}.load_state_dict: this state was not saved by a pair-aware altlora optimizer "
+                             "(its param groups carry no LoRA pairing, e.g. torch.optim.AdamW's); load a state saved "
+                             f"by {name} for this model, or start the optimizer fresh")
+        mine = [(g.get("pair_names"), g.get("shapes")) for g in self.param_groups if g.get("lora")]
+        theirs = [(g.get("pair_names"), g.get("shapes", mine[i][1] if i < len(mine) else None))
+                  for i, g in enumerate(g for g in saved if g.get("lora"))]
+        if mine != theirs:
+            raise ValueError(f"{name}.load_state_dict: the saved state is for other LoRA pairs than this "
+                             f"optimizer's (another method, rank or set of target modules?): saved {_describe(theirs)}, "
+                             f"here {_describe(mine)}; load the state saved for this model and adapter")
 
     # ------------------------------------------------------------------ diagnostics
     @torch.no_grad()
@@ -441,6 +459,12 @@ class PairedOptimizer(torch.optim.Optimizer):
     def phase(self, group: dict | None = None) -> str:
         """Name of the factor(s) the next ``step()`` updates."""
         return "AB"
+
+
+def _describe(groups: list[tuple]) -> str:
+    pairs = [(n, shapes[2 * i:2 * i + 2] if shapes else None) for names, shapes in groups for i, n in enumerate(names or [])]
+    shown = ", ".join(f"{n} {s}" if s else n for n, s in pairs[:2])
+    return f"{len(pairs)} pairs ({shown}{', ...' if len(pairs) > 2 else ''})"
 
 
 def _cond(gram: torch.Tensor, ridge: float) -> float:
