@@ -82,7 +82,12 @@ class MetricsLog:
             self.writer = SummaryWriter(str(self.path.parent / "tensorboard"), purge_step=resume_step or None)
 
     def rows(self) -> list[dict]:
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        """The rows written so far; a last line cut off by a killed process is left out."""
+        text = self.path.read_text()
+        lines = [line for line in text.splitlines() if line.strip()]
+        if lines and not text.endswith("\n"):
+            lines.pop()  # the process died while writing it; the run redoes that step
+        return [json.loads(line) for line in lines]
 
     def record(self, row: dict[str, Any]) -> None:
         if not self.enabled:
