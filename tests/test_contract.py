@@ -164,3 +164,32 @@ def test_create_optimizer_builds_every_registered_name(name):
 def test_create_optimizer_rejects_a_typo_naming_the_valid_ones():
     with pytest.raises(ValueError, match=r"valid names: .*altlora.*Did you mean 'altlora_plus'"):
         altlora.create_optimizer(tiny(), "altlora_pls")
+
+
+@pytest.mark.parametrize("cls, options", rows(PAIRED))
+def test_grad_scaler_float16_steps_skip_overflow_once(cls, options):
+    """PEFT's method-comparison loop: float16 autocast, ``scaler.step(optimizer)``. A step whose
+    scaled gradients overflow is skipped by the scaler, so the optimizer neither moves nor counts
+    a skip of its own; the next steps train."""
+    model = tiny()
+    opt = cls(model, **options)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24)  # overflows float16 at first, then backs off
+    before = trainables(model)
+    skipped_by_scaler, steps = 0, 16
+    for t in range(steps):
+        x = token_batch(t)
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = model(input_ids=x, labels=x).loss
+        scaler.scale(loss).backward()
+        scale = scaler.get_scale()
+        scaler.step(opt)
+        scaler.update()
+        skipped_by_scaler += scaler.get_scale() < scale
+        if t == 0:
+            assert skipped_by_scaler == 1 and all(torch.equal(p, before[n]) for n, p in trainables(model).items())
+        opt.zero_grad()
+    assert 1 <= skipped_by_scaler < steps
+    assert opt.stats()["skipped_steps"] == 0  # the scaler's skips are not the optimizer's
+    after = trainables(model)
+    assert all(torch.isfinite(p).all() for p in after.values())
+    assert any(not torch.equal(after[n], before[n]) for n in after)
