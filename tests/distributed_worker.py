@@ -189,6 +189,9 @@ def run_fsdp2(rank: int, world: int, out: str) -> dict:
     # One checkpoint per rank: the optimizer state of a sharded factor is this rank's part.
     results["resumed"] = resumed_run(lambda m: _shard(m, mesh), rank, world,
                                      os.path.join(out, f"fsdp2_checkpoint.rank{rank}.pt"), True)
+    # torch.distributed.checkpoint, as the Trainer and accelerate save FSDP2 runs: every case
+    results["dcp_resumed"] = {label: dcp_resumed_run(label, mesh, rank, world, os.path.join(out, f"dcp-{label}"))
+                              for label in ENGINE_CASES["fsdp2"]}
 
     model = build_model("adalora")
     _shard(model, mesh)
@@ -197,6 +200,31 @@ def run_fsdp2(rank: int, world: int, out: str) -> dict:
     except NotImplementedError as e:
         results["adalora_refusal"] = str(e)
     return results
+
+
+def dcp_resumed_run(label: str, mesh, rank: int, world: int, path: str) -> dict[str, torch.Tensor]:
+    """RESUME_AT steps, ``get_state_dict`` + ``dcp.save`` (sharded state: each rank writes its
+    part), then a model and optimizer built from another init, ``dcp.load`` + ``set_state_dict``,
+    and the rest of the steps."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model = build_model(label)
+    _shard(model, mesh)
+    opt = build_optimizer(model, label)
+    train(model, opt, RESUME_AT, rank=rank, world=world)
+    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+
+    resumed = build_model(label, seed=123)  # everything must come from the checkpoint
+    _shard(resumed, mesh)
+    opt = build_optimizer(resumed, label)
+    model_sd, optim_sd = get_state_dict(resumed, opt)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(resumed, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    train(resumed, opt, STEPS - RESUME_AT, start=RESUME_AT, rank=rank, world=world)
+    return trainable(resumed)
 
 
 def main(out: str) -> None:

@@ -155,6 +155,16 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(results, engine):
             assert torch.equal(resumed[n], uninterrupted[n]), (engine, rank, n)
 
 
+@pytest.mark.parametrize("label", w.ENGINE_CASES["fsdp2"])
+def test_fsdp2_dcp_round_trip_equals_the_uninterrupted_run(results, label):
+    """get_state_dict / dcp.save / dcp.load / set_state_dict mid-run (the path the Trainer and
+    accelerate take for FSDP2 checkpoints): bit-identical to the run that never stopped."""
+    for rank, res in enumerate(results):
+        uninterrupted, resumed = res["fsdp2"][label], res["fsdp2"]["dcp_resumed"][label]
+        different = [n for n in uninterrupted if not torch.equal(resumed[n], uninterrupted[n])]
+        assert not different, (rank, different)
+
+
 def test_fsdp2_optimizer_follows_tensors_swapped_into_param_groups(results):
     """accelerate builds the optimizer first and then swaps the sharded tensors into param_groups."""
     for rank, res in enumerate(results):

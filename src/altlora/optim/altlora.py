@@ -25,7 +25,7 @@ import torch
 
 from ..validate import check_betas, check_range
 from .paired import Clip, PairBucket, PairedOptimizer, state_dtype_for
-from .sharding import (OTHER, Layout, all_reduce_and, all_reduce_sum, full, layout_of, local_r_first, r_first,
+from .sharding import (OTHER, Layout, all_reduce_and, as_local, shard_like, all_reduce_sum, full, layout_of, local_r_first, r_first,
                        write_r_first)
 
 __all__ = ["AltLoRA", "AltLoRAPlus", "altlora_factor_update"]
@@ -290,6 +290,10 @@ class AltLoRABase(PairedOptimizer):
         group["first"] = "B" if all_zero(1) else "A"
 
     @staticmethod
+    def _phase_length(group: dict) -> int:
+        return 1 if group["mode"] == "joint" else group["switch_every"]
+
+    @staticmethod
     def _active(group: dict, t: int) -> tuple[str, ...]:
         if group["mode"] == "joint":
             return ("A", "B")
@@ -334,16 +338,21 @@ class AltLoRABase(PairedOptimizer):
                 norms.append(torch.where(sq.isfinite(), sq, 0.0).sum())
         return self._clip_to(norms)
 
-    def _state(self, p: torch.Tensor, like: torch.Tensor, factor: str) -> dict:
+    def _state(self, group: dict, p: torch.Tensor, like: torch.Tensor, factor: str, layout: Layout) -> dict:
         """State of factor ``p``; ``like`` is its (local) rank-first view in the state dtype.
-        Moments are stored in the factor's own matrix shape (B: (k, r)), used rank-first."""
+        Moments are stored in the factor's own matrix shape (B: (k, r)), used rank-first; for a
+        column-sharded factor they are DTensors sharded like it (:func:`shard_like`). Phases of
+        several steps also keep the factor as it was at the phase's start (``phase_start``). The
+        keys never change, as checkpoint tools that load into a template expect."""
         st = self.state[p]
         if not st:
             dev, dt, r = like.device, like.dtype, like.shape[0]
             shape = like.shape if factor == "A" else like.mT.shape
-            st["exp_avg"] = torch.zeros(shape, dtype=dt, device=dev)
+            st["exp_avg"] = shard_like(torch.zeros(shape, dtype=dt, device=dev), p, layout)
             if self._second_moment:
-                st["exp_avg_sq"] = torch.zeros(shape, dtype=dt, device=dev)
+                st["exp_avg_sq"] = shard_like(torch.zeros(shape, dtype=dt, device=dev), p, layout)
+            if self._phase_length(group) > 1:
+                st["phase_start"] = shard_like(torch.zeros(shape, dtype=dt, device=dev), p, layout)
             st["basis_cross"] = torch.zeros(r, r, dtype=dt, device=dev)
             st["nonfinite_skips"] = torch.zeros((), dtype=torch.int64, device=dev)
         return st
@@ -360,10 +369,10 @@ class AltLoRABase(PairedOptimizer):
         X = [_as(local_r_first(p, factor, x_lay), dt) for p in params]
         G = [_as(local_r_first(p.grad, factor, x_lay), dt) for p in params]
         Y = [_as(local_r_first(q, other, y_lay), dt) for q in others]
-        x_states = [self._state(p, X[0], factor) for p in params]
-        y_states = [self._state(q, Y[0], other) for q in others]
-        M = [r_first(s["exp_avg"], factor) for s in x_states]
-        V = [r_first(s["exp_avg_sq"], factor) for s in x_states] if self._second_moment else None
+        x_states = [self._state(group, p, X[0], factor, x_lay) for p in params]
+        y_states = [self._state(group, q, Y[0], other, y_lay) for q in others]
+        M = [r_first(as_local(s["exp_avg"]), factor) for s in x_states]
+        V = [r_first(as_local(s["exp_avg_sq"]), factor) for s in x_states] if self._second_moment else None
         batched = group.get("batched")
         if batched is None:
             batched = X[0].device.type == "cuda" or X[0].numel() < _BATCH_BELOW
@@ -392,7 +401,7 @@ class AltLoRABase(PairedOptimizer):
         """Algorithm 1 or 2 for one half-step (:func:`altlora_factor_update`), plus the Theorem 2
         bookkeeping: the r x r basis change the other factor's momentum will need."""
         factor, X, states, t = h.factor, h.X, h.x_states, group["step"]
-        every = 1 if group["mode"] == "joint" else group["switch_every"]
+        every = self._phase_length(group)
         phase_first, phase_last = t % every == 0, (t + 1) % every == 0
         # At a phase's first step the other factor has moved since this factor's last update:
         # use the stored basis change; otherwise Y_prev = Y and the change is the Gram itself.
@@ -414,14 +423,15 @@ class AltLoRABase(PairedOptimizer):
         # Basis change r x r that the *other* factor's momentum will need (Thm 2): X_new X_start^T.
         cross_out = snapshots = None
         if phase_last:
-            starts = [s.pop("phase_start", None) for s in states]
-            if any(s is None for s in starts):
+            saved = [s.get("phase_start") for s in states]
+            if every == 1 or any(x is None for x in saved):  # a one-step phase started where X is
                 starts = X
-            elif h.batched:
-                starts = [torch.stack(starts)]
+            else:
+                starts = [r_first(as_local(x), factor) for x in saved]
+                starts = [torch.stack(starts)] if h.batched else starts
             cross_out = all_reduce_sum(pair_products(X_new, starts), h.x_lay)
-        elif phase_first:
-            snapshots = [x.clone() for x in (X[0].unbind(0) if h.batched else X)]
+        elif phase_first:  # copied into phase_start by _apply, before the factor is written
+            snapshots = list(X[0].unbind(0)) if h.batched else X
         if h.batched:
             X_new, M_new = list(X_new[0].unbind(0)), list(M_new[0].unbind(0))
             V_new = list(V_new[0].unbind(0)) if V_new is not None else None
@@ -429,17 +439,16 @@ class AltLoRABase(PairedOptimizer):
 
     def _apply(self, group: dict, h: _HalfStep, u: _HalfUpdate) -> None:
         factor, states = h.factor, h.x_states
+        if u.snapshots is not None:  # the factor at this phase's start, in its own layout
+            torch._foreach_copy_([r_first(as_local(s["phase_start"]), factor) for s in states], u.snapshots)
         write_r_first(h.params, factor, h.x_lay, u.X)
         # adopt the new moment tensors (no copy) in the factor's own layout
-        for s, m in zip(states, u.M):
-            s["exp_avg"] = r_first(m, factor).contiguous()
-        for s, v in zip(states, u.V or ()):
-            s["exp_avg_sq"] = r_first(v, factor).contiguous()
+        for s, m, p in zip(states, u.M, h.params):
+            s["exp_avg"] = shard_like(r_first(m, factor).contiguous(), p, h.x_lay)
+        for s, v, p in zip(states, u.V or (), h.params):
+            s["exp_avg_sq"] = shard_like(r_first(v, factor).contiguous(), p, h.x_lay)
         if u.cross is not None:
             torch._foreach_copy_([s["basis_cross"] for s in states], list(u.cross.unbind(0)))
-        if u.snapshots is not None:
-            for s, snap in zip(states, u.snapshots):
-                s["phase_start"] = snap
         self._count_skips(states, u.ok)
 
 

@@ -88,10 +88,10 @@ class LoRAPlus(PairedOptimizer):
         and counted on A's state."""
         ps, lr = group["params"], group["lr"]  # [A1, B1, A2, B2, ...]
         ok = flags.tolist()
+        states = [self.state[A] for A in ps[0::2]]
+        for st in states:  # always there: checkpoint tools expect the same keys at every step
+            st.setdefault("nonfinite_skips", torch.zeros((), dtype=torch.int64, device=ps[0].device))
         if not all(ok):
-            states = [self.state[A] for A in ps[0::2]]
-            for st in states:
-                st.setdefault("nonfinite_skips", torch.zeros((), dtype=torch.int64, device=ps[0].device))
             self._count_skips(states, flags.to(states[0]["nonfinite_skips"].device))
         emb = group.get("embedding_pairs") or [False] * (len(ps) // 2)
         special = group.get("embedding_lr_ratio") is not None

@@ -101,8 +101,11 @@ class _LoRAProBase(PairedOptimizer):
         super().__init__(params, lora_options, **kwargs)
 
     def _states(self, bucket: PairBucket, dt: torch.dtype) -> list[dict]:
-        """Per-pair state lives with A (skip counter; k x d moments for the AdamW version)."""
+        """Per-pair state lives with A (skip counter; k x d moments for the AdamW version). B gets
+        a counter too, which stays 0: checkpoint tools (torch.distributed.checkpoint) expect a
+        state for every trainable tensor."""
         for A, B in zip(bucket.A, bucket.B):
+            self.state[B].setdefault("nonfinite_skips", new_counter(B))
             st = self.state[A]
             if "nonfinite_skips" not in st:
                 st["nonfinite_skips"] = new_counter(A)

@@ -100,6 +100,24 @@ def write_r_first(t: torch.Tensor, factor: str, layout: Layout, values: list[tor
             r_first(p.to_local(), factor).copy_(v)
 
 
+def as_local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``t`` (``t`` itself unless it is a DTensor)."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def shard_like(local: torch.Tensor, p: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """Optimizer state shaped like factor ``p``, given as this rank's rows: a DTensor with ``p``'s
+    mesh and placements when ``p``'s columns (rank-first) are sharded, so that
+    ``torch.distributed.checkpoint`` saves and loads every rank's part (as it does for torch's
+    AdamW under FSDP2); ``local`` itself otherwise (a whole tensor, the same on every rank)."""
+    if layout.group is None or not is_dtensor(p):
+        return local
+    # a fresh contiguous copy: ``local`` may be a view into a stacked batch, which a DTensor
+    # must not wrap (torch.save of it fails)
+    local = local.clone(memory_format=torch.contiguous_format)
+    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+
+
 def all_reduce_sum(x: torch.Tensor, layout: Layout) -> torch.Tensor:
     if layout.group is not None:
         dist.all_reduce(x, op=dist.ReduceOp.SUM, group=layout.group)
