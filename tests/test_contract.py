@@ -193,3 +193,21 @@ def test_grad_scaler_float16_steps_skip_overflow_once(cls, options):
     after = trainables(model)
     assert all(torch.isfinite(p).all() for p in after.values())
     assert any(not torch.equal(after[n], before[n]) for n in after)
+
+
+@pytest.mark.parametrize("cls, options", rows(PAIRED))
+def test_a_compiled_model_trains_like_the_eager_one(cls, options):
+    """``torch.compile(model)``: pairing sees through the wrapper (same pairs, same names, so
+    checkpoints move between the two) and training equals the eager run. The aot_eager backend
+    traces and partitions like inductor without generating C++ (seconds, not minutes)."""
+    eager, compiled = tiny(), tiny()
+    net = torch.compile(compiled, backend="aot_eager")
+    opt_e, opt_c = cls(eager, **options), cls(net, **options)
+    names = [g.get("pair_names") for g in opt_e.param_groups]
+    assert names == [g.get("pair_names") for g in opt_c.param_groups] and "_orig_mod" not in str(names)
+    train(eager, opt_e, 3)
+    train(net, opt_c, 3)
+    a, b = trainables(eager), trainables(compiled)
+    # aot_eager runs the same aten kernels in the same order as eager mode: bitwise
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    opt_e.load_state_dict(opt_c.state_dict())  # checkpoints move between the two

@@ -215,6 +215,9 @@ class PairedOptimizer(torch.optim.Optimizer):
             if model is not None and model is not params:
                 raise ValueError("pass the model either positionally or as model=, not both")
             model, params = params, None
+        # torch.compile(model) wraps it: pair and name through the original module (same
+        # tensors), so names and checkpoints match the uncompiled model's
+        model = getattr(model, "_orig_mod", model)
         lr = lora_options["lr"]
         check_range("lr", lr, 0.0, None)
         if aux_lr is None:
