@@ -702,3 +702,61 @@ def test_unknown_optimizer_name_lists_valid_names_and_suggests(small_llama):
     assert "altlora, altlora_plus, lora" in msg
     assert "Did you mean 'altlora'?" in msg
     assert isinstance(create_optimizer(model, name="altlora_plus", lr=1e-3), AltLoRAPlus)
+
+
+# --------------------------------------------------------------------------- kohya-style networks
+
+class KohyaLoRAModule(nn.Module):
+    """The shape of kohya-ss/sd-scripts' LoRAModule: lora_down (A), lora_up (B, zero init), an
+    alpha buffer, lora_dim and multiplier; output org(x) + lora_up(lora_down(x)) * multiplier * scale."""
+
+    def __init__(self, org: nn.Module, dim: int = 4, alpha: float = 2.0, multiplier: float = 1.0):
+        super().__init__()
+        conv = isinstance(org, nn.Conv2d)
+        self.lora_dim, self.multiplier, self.org = dim, multiplier, org
+        self.register_buffer("alpha", torch.tensor(alpha))
+        self.lora_down = (nn.Conv2d(org.in_channels, dim, org.kernel_size, org.stride, org.padding, bias=False) if conv
+                          else nn.Linear(org.in_features, dim, bias=False))
+        self.lora_up = nn.Conv2d(dim, org.out_channels, 1, bias=False) if conv else nn.Linear(dim, org.out_features,
+                                                                                              bias=False)
+        nn.init.zeros_(self.lora_up.weight)
+        org.requires_grad_(False)
+
+    def forward(self, x):
+        return self.org(x) + self.lora_up(self.lora_down(x)) * self.multiplier * (self.alpha / self.lora_dim)
+
+
+class TinyUNetish(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = KohyaLoRAModule(nn.Conv2d(3, 8, 3, padding=1), multiplier=0.5)
+        self.proj = KohyaLoRAModule(nn.Linear(8, 6))
+
+    def forward(self, x):
+        return self.proj(self.conv(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("opt_cls, hp", OPTIMIZERS)
+def test_kohya_style_network_pairs_by_structure_and_params_alone_are_refused(opt_cls, hp):
+    net = TinyUNetish()
+    groups = [{"params": [net.conv.lora_down.weight, net.conv.lora_up.weight], "lr": hp["lr"]},
+              {"params": [net.proj.lora_down.weight, net.proj.lora_up.weight], "lr": hp["lr"]}]
+    with pytest.raises(LoRAPairingError, match=r"parameters alone do not say .*model=network.*kohya"):
+        opt_cls(groups, **hp)  # what a trainer script's --optimizer_type module.Class does
+    opt = opt_cls(groups, model=net, **hp)
+    pairs = [(n, s) for g in opt.param_groups if g.get("lora") for n, s in zip(g["pair_names"], g["scaling"])]
+    assert pairs == [("conv", 0.5 * 2.0 / 4), ("proj", 2.0 / 4)]
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4, 3, 5, 5, generator=gen), torch.randn(4, 6, generator=gen)
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    losses = []
+    for _ in range(N_STEPS):
+        loss = (net(x) - y).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    moved = {n for n, p in net.named_parameters() if not torch.equal(p, before[n])}
+    assert moved == {"conv.lora_down.weight", "conv.lora_up.weight", "proj.lora_down.weight", "proj.lora_up.weight"}
+    assert losses[-1] < losses[0]

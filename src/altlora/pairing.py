@@ -162,18 +162,44 @@ def _torchtune_pairs(model: nn.Module) -> list[LoRAPair]:
     return pairs
 
 
+def _kohya_pairs(model: nn.Module) -> list[LoRAPair]:
+    """kohya-ss/sd-scripts ``LoRAModule``-style layers (diffusion LoRA trainers): child
+    ``lora_down`` (A) and ``lora_up`` (B), Linear or Conv2d, with ``lora_dim`` and ``alpha``; the
+    output is ``lora_up(lora_down(x)) * multiplier * alpha / lora_dim``."""
+    pairs = []
+    for mod_name, module in model.named_modules():
+        down, up = getattr(module, "lora_down", None), getattr(module, "lora_up", None)
+        if not (isinstance(down, (nn.Linear, nn.Conv2d)) and isinstance(up, (nn.Linear, nn.Conv2d))):
+            continue
+        if not (down.weight.requires_grad and up.weight.requires_grad):
+            continue
+        if not (hasattr(module, "alpha") and hasattr(module, "lora_dim")):
+            raise LoRAPairingError(
+                f"{mod_name}: has lora_down/lora_up but no alpha and lora_dim attributes to compute the "
+                "scaling; pass pairs=[(A, B, scaling)] explicitly.")
+
+        def scaling(m: nn.Module = module) -> float:
+            return float(getattr(m, "multiplier", 1.0)) * float(m.alpha) / m.lora_dim
+
+        pairs.append(LoRAPair(down.weight, up.weight, scaling, name=mod_name,
+                              kind="conv" if isinstance(down, nn.Conv2d) else "linear",
+                              a_name=f"{mod_name}.lora_down.weight", b_name=f"{mod_name}.lora_up.weight"))
+    return pairs
+
+
 def find_lora_pairs(model: nn.Module) -> list[LoRAPair]:
     """Return every trainable, active LoRA pair of ``model``, found by module structure.
 
     Searches PEFT ``LoraLayer`` modules (``lora_A``/``lora_B`` for Linear, GPT-2 Conv1D and
     Conv targets, ``lora_embedding_A``/``lora_embedding_B`` for Embedding targets), one pair
-    per active adapter whose two factors have ``requires_grad=True``, and torchtune-style
-    modules with ``lora_a``/``lora_b`` children. DoRA magnitude vectors, LoRA biases and
+    per active adapter whose two factors have ``requires_grad=True``, torchtune-style modules
+    with ``lora_a``/``lora_b`` children and kohya-style ones with ``lora_down``/``lora_up``
+    children (diffusion LoRA networks). DoRA magnitude vectors, LoRA biases and
     ``modules_to_save`` copies are not factors and are left to the caller.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"find_lora_pairs expects an nn.Module, got {type(model).__name__}")
-    pairs = _peft_pairs(model) + _torchtune_pairs(model)
+    pairs = _peft_pairs(model) + _torchtune_pairs(model) + _kohya_pairs(model)
     seen: set[int] = set()
     for p in pairs:
         for t in (p.A, p.B):
@@ -199,7 +225,7 @@ def no_pairs_message(model: nn.Module | None) -> str:
     return (
         f"No LoRA pairs found in {where}. Searched PEFT LoraLayer modules for active adapters with "
         "trainable lora_A/lora_B (Linear, Conv1D, Conv) or lora_embedding_A/lora_embedding_B "
-        "(Embedding) factors, and torchtune-style lora_a/lora_b modules. "
+        "(Embedding) factors, torchtune-style lora_a/lora_b and kohya-style lora_down/lora_up modules. "
         f"Trainable parameters seen: [{shown or 'none'}]. Wrap the model with "
         "peft.get_peft_model(model, LoraConfig(...)) first, or, for a non-PEFT model, pass the "
         "pairs explicitly: pairs=[(A, B, scaling), ...] with A of shape (r, d) and B of shape (k, r)."

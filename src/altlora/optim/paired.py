@@ -237,8 +237,12 @@ class PairedOptimizer(torch.optim.Optimizer):
             pair_list = find_lora_pairs(model)
         else:
             raise LoRAPairingError(
-                f"{type(self).__name__} needs to know which tensors form LoRA pairs: pass the "
-                "model (e.g. AltLoRA(model, lr=...) or model=model), or pairs=[(A, B, scaling), ...]."
+                f"{type(self).__name__} needs to know which tensors form LoRA pairs, and parameters "
+                "alone do not say (pairing by their order would be a guess): pass the model or LoRA "
+                "network as well, e.g. AltLoRA(param_groups, model=network, lr=...), or "
+                "pairs=[(A, B, scaling), ...]. Trainer scripts that build the optimizer from parameters "
+                "only (kohya's --optimizer_type module.Class) need that one argument added where they "
+                "build it; see docs/integrations.md."
             )
         if params is not None and not isinstance(params, (list, tuple)):
             params = list(params)
