@@ -78,7 +78,7 @@ ALPHA = 16
 BASELINE = "lora"
 ALL_METHODS = ["full", "lora", "lora_plus", "pissa", "rslora", "dora", "adalora", "lora_ga", "scaled_gd",
                "scaled_adamw", "lora_rite", "lora_pro", "lora_pro_sgd", "altlora", "altlora_plus"]
-RANK_SWEEP = ("lora", "altlora", "altlora_plus")  # measured at --ranks too
+RANK_SWEEP = ("lora", "altlora", "altlora_plus")  # measured at --ranks too, and with --experts
 QUICK_METHODS = ["lora", "altlora", "altlora_plus"]
 #: target rows for memory: name -> ratio key (vs LoRA at the same rank)
 MEMORY_MEASURES = {"peak RSS": "peak_ratio_same_rank", "live peak": "live_peak_ratio_same_rank"}
@@ -100,6 +100,9 @@ def parse_args() -> argparse.Namespace:
                    help=f"registry methods (default: all {len(ALL_METHODS)}; LoRA is always included)")
     p.add_argument("--ranks", nargs="*", type=int, default=None,
                    help=f"extra ranks for {', '.join(RANK_SWEEP)} (default: 32 128)")
+    p.add_argument("--experts", nargs="*", type=int, default=None,
+                   help=f"mixture-of-LoRA-experts sizes for {', '.join(RANK_SWEEP)} at r = 8 (Table 10; "
+                        "default: 4 8; the worker is named e.g. 'altlora+E4')")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 8; quick 3)")
     p.add_argument("--steps", type=int, default=2, help="steps per worker per round (even)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per worker first")
@@ -116,6 +119,7 @@ def parse_args() -> argparse.Namespace:
     for name in args.methods:
         methods.get(name)  # unknown names raise, listing the valid ones
     args.ranks = args.ranks if args.ranks is not None else ([] if args.quick else [32, 128])
+    args.experts = args.experts if args.experts is not None else ([] if args.quick else [4, 8])
     args.rounds = args.rounds or (3 if args.quick else 8)
     args.batch = args.batch or (1 if args.quick else 2)
     args.seq = args.seq or (32 if args.quick else 64)
@@ -132,7 +136,15 @@ def configs(args: argparse.Namespace) -> list[tuple[str, int | None, bool]]:
     out.insert(1, (BASELINE, 8, True))
     for r in args.ranks:
         out += [(m, r, False) for m in chosen if m in RANK_SWEEP]
+    for e in args.experts:
+        out += [(f"{m}+E{e}", 8, False) for m in chosen if m in RANK_SWEEP]
     return list(dict.fromkeys(out))
+
+
+def with_experts(name: str) -> tuple[str, int]:
+    """'altlora+E4' -> ('altlora', 4): a method on mixture-of-LoRA-experts layers; plain: E = 1."""
+    method, _, experts = name.partition("+E")
+    return method, int(experts or 1)
 
 
 def label(method: str, rank: int | None, control: bool = False) -> str:
@@ -199,12 +211,14 @@ def worker(conn, method: str, rank: int | None, model, batches: list[dict], args
                 p.sum()
         loaded = rss_mib()
         peak_reset = reset_peak()
+        method, experts = with_experts(method)
         m = methods.get(method)
         if rank is None:
             model = m.adapt(model)
         else:
             model = m.adapt(model, {"r": rank, "lora_alpha": ALPHA, "target_modules": TARGET_MODULES},
-                            total_steps=args.warmup + args.rounds * args.steps, init_batches=batches[:2])
+                            total_steps=args.warmup + args.rounds * args.steps, init_batches=batches[:2],
+                            experts=experts)
         opt = m.create_optimizer(model)
         model.train()
         done = 0

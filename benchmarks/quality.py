@@ -111,12 +111,17 @@ GRIDS = {
 }
 #: main-table rows that are a method with other settings: name -> (method, Config values)
 MAIN_VARIANTS = {"altlora_rawclip": ("altlora", {"clip_in_optimizer": False})}
-SUITES = ("main", "ablations", "init", "stack")
+SUITES = ("main", "ablations", "init", "stack", "experts")
 #: what a task spec (built in, or from --task-file) may hold; "base": a task whose spec it extends
 SPEC_KEYS = ("base", "paper", "about", "grid_shift", "methods", "suites", "config")
 #: ablation suffix -> Config values (Table 9 rows; Table 2's rank rows)
 ABLATIONS = {"B-first": {"optim_args": {"first": "B"}}, "joint": {"optim_args": {"mode": "joint"}}, "r=32": {"r": 32}}
 ABLATED = ("altlora", "altlora_plus")
+#: suite "experts" (Table 10): mixture-of-LoRA-experts layers, E experts, lr of the main row
+EXPERTS = (4, 8)
+EXPERT_METHODS = ("lora", "lora_plus", "altlora", "altlora_plus")
+TABLE10 = {1: (66.11, 72.63, 72.33, 74.49, 76.91), 4: (67.43, 71.71, 71.27, 75.01, 77.33),
+           8: (67.89, 70.34, 71.44, 75.33, 76.94)}  # E -> LoRA, AdaLoRA, LoRA+, AltLoRA, AltLoRA+ (GSM8K)
 #: suite "stack": AltLoRA's and AltLoRA+'s training-stack defaults, each changed on its own (lr of
 #: the main row): label -> (Config values, what the shipped default is)
 STACK = {
@@ -274,6 +279,9 @@ def build_plan(args) -> list[Variant]:
         if "init" in suites:
             plan += [Variant(task, f"{m}/init={i}", m, "init", {"lora_init": i}, lr_from=m)
                      for m in args.init_methods for i in args.inits]
+        if "experts" in suites:
+            plan += [Variant(task, f"{m}/experts={e}", m, "experts", {"experts": e}, lr_from=m)
+                     for m in EXPERT_METHODS for e in EXPERTS]
         if "stack" in suites:
             plan += [Variant(task, f"{m}/{label}", m, "stack", settings, lr_from=m)
                      for m in args.ablated for label, (settings, _) in STACK.items()]
@@ -588,6 +596,16 @@ def markdown(args, report: dict) -> str:
                 cells = [f"{pm(rows.get(f'{m}/{label}'))} | {num(rows.get(f'{m}/{label}', {}).get('val_loss'), '{:.3f}')}"
                          for m in ABLATED]
                 lines.append(f"| {label} | {default} | " + " | ".join(cells) + " |")
+        if any(r["suite"] == "experts" for r in extra):
+            lines += ["", f"## {task}: LoRA experts per layer (Table 10; paper: GSM8K, Llama-3.1-8B; lr of the "
+                          "main row)", "",
+                      "| Experts | LoRA | paper | LoRA+ | paper | AltLoRA | paper | AltLoRA+ | paper | AdaLoRA (paper) |",
+                      "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            for e in (1, *EXPERTS):
+                lora, ada, plus, alt, alt_plus = TABLE10[e]
+                cells = [f"{pm(rows.get(m if e == 1 else f'{m}/experts={e}'))} | {num(paper)}"
+                         for m, paper in zip(EXPERT_METHODS, (lora, plus, alt, alt_plus))]
+                lines.append(f"| {e} | " + " | ".join(cells) + f" | {num(ada)} |")
         if any(r["suite"] == "init" for r in extra):
             lines += ["", f"## {task}: initialisation (Table 11; paper: GSM8K, Llama-3.1-8B)", "",
                       "| A init | B init | LoRA | paper | AltLoRA | paper | AltLoRA+ | paper |",
@@ -601,7 +619,7 @@ def markdown(args, report: dict) -> str:
     pending = []
     for task, rows in agg.items():
         todo = [n for n, r in rows.items() if r["pending_runs"] and r["suite"] == "main"]
-        for suite in ("ablations", "init", "stack"):
+        for suite in ("ablations", "init", "stack", "experts"):
             variants = [r for r in rows.values() if r["suite"] == suite]
             if any(r["pending_runs"] for r in variants):
                 todo.append(f"{suite} ({sum(not r['pending_runs'] for r in variants)}/{len(variants)} variants complete)")

@@ -31,10 +31,12 @@ RESUME_AT = 4     # mid-phase for switch_every=3
 LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
             rank_pattern={"down_proj": 1}, modules_to_save=["lm_head"])  # lm_head: aux AdamW group
 ADALORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+MOE = dict(r=2, lora_alpha=4, target_modules=["q_proj", "down_proj"])
 
 # label -> (registered optimizer, lr, hyperparameters): the contract table of conftest.py
 CASES = {label: (cls.name, kw["lr"], {k: v for k, v in kw.items() if k != "lr"})
          for label, (cls, kw) in CONTRACT.items()}
+CASES["altlora_plus_moe"] = CASES["altlora_plus"]  # on mixture-of-LoRA-experts layers
 # FSDP2: every case but AdaLoRA (PEFT's allocator cannot read DTensors; refused, tested below)
 ENGINE_CASES = {"ddp": list(CASES), "fsdp2": [c for c in CASES if CASES[c][0] != "adalora"]}
 RESUME_CASE = "altlora_plus_switch3"
@@ -46,6 +48,8 @@ def build_model(label: str, seed: int = 0) -> torch.nn.Module:
     base = tiny_llama(seed, torch.float64)
     if CASES[label][0] == "adalora":
         return methods.get("adalora").adapt(base, ADALORA, total_steps=STEPS)
+    if label.endswith("_moe"):  # mixture of LoRA experts (altlora.moe): every expert a pair
+        return methods.get("lora").adapt(base, MOE, experts=3, router_top_k=2)
     return methods.get("lora").adapt(base, LORA)
 
 

@@ -159,3 +159,13 @@ def test_runs_recorded_by_an_earlier_session_are_reused(make_args, tmp_path, mon
     runner = quality.Runner(args, train=False, log=lambda m: None)
     assert runner.variant(v) == pytest.approx(1e-3)
     assert quality.aggregate(args, [v], runner)["polarity"]["lora"]["mean"] == pytest.approx(74.0)
+
+
+def test_experts_suite_plans_table10_with_the_main_rows_lr(make_args):
+    args = make_args("--tasks", "arithmetic", "--methods", "lora,altlora", "--suite", "main,experts")
+    plan = {v.name: v for v in quality.build_plan(args)}
+    for m in quality.EXPERT_METHODS:
+        for e in quality.EXPERTS:
+            v = plan[f"{m}/experts={e}"]
+            assert v.settings == {"experts": e} and v.lr_from == m and v.suite == "experts"
+    assert quality.run_config(args, plan["altlora/experts=8"], 0.3, 0).experts == 8

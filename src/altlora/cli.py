@@ -137,6 +137,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
     model, tok, meta = load_adapted(Path(args.adapter))
     if meta.get("full"):
         raise RunError(f"{args.adapter} is a fully fine-tuned model, not an adapter: use it as it is")
+    if meta.get("experts", 1) > 1:
+        raise RunError(f"{args.adapter} is a mixture of {meta['experts']} LoRA experts: its update depends on the "
+                       "input through the router, so it has no merged weight; use it as an adapter "
+                       "(altlora eval --adapter, or altlora.moe.load_adapter)")
     model.merge_and_unload().save_pretrained(out)
     tok.save_pretrained(out)
     print(f"merged {args.adapter} into {meta['model_path']} -> {out}")

@@ -94,6 +94,10 @@ class Config:
     lora_init: str = _f("", "lora", "Table 11 init of the factors 'A_init/B_init', e.g. spectral/zero (empty: PEFT's)")
     use_rslora: bool = _f(False, "lora", "rank-stabilised scaling alpha / sqrt(r)")
     use_dora: bool = _f(False, "lora", "weight-decomposed LoRA (DoRA)")
+    experts: int = _f(1, "lora", "LoRA experts per adapted linear layer, mixed by a router (1: plain LoRA; the "
+                      "paper's Table 10)")
+    router_top_k: int = _f(0, "lora", "with experts > 1: keep the k largest router gates per token (0: all)")
+    router_aux_weight: float = _f(1e-4, "lora", "with experts > 1: weight of the router's balance loss")
     # optimizer
     optimizer: str = _f("altlora_plus", "optim", "method / optimizer name (see `altlora list methods`)")
     lr: float = _f(0.0, "optim", "peak learning rate (0: the method's default, see `altlora list methods`)")
@@ -240,7 +244,9 @@ def resolve_config(yaml_path: str | None, cli: dict[str, Any], cli_source: str =
         raise ConfigError("set either max_steps or epochs, not both")
     if cfg.max_steps <= 0 and cfg.epochs <= 0:
         raise ConfigError("set max_steps > 0 or epochs > 0")
-    for k in ("r", "batch_size", "grad_accum", "nproc"):
+    if cfg.router_top_k < 0 or cfg.router_top_k > cfg.experts:
+        raise ConfigError(f"router_top_k must be between 0 and experts ({cfg.experts}), got {cfg.router_top_k}")
+    for k in ("r", "batch_size", "grad_accum", "nproc", "experts"):
         if getattr(cfg, k) < 1:
             raise ConfigError(f"{k} must be >= 1, got {getattr(cfg, k)}")
     if cfg.batch_size < cfg.nproc:

@@ -88,6 +88,12 @@ class Method:
         so a training loop must not clip the raw gradients before it."""
         return bool(getattr(OPTIMIZERS[self.optimizer][0], "clips_in_own_geometry", False))
 
+    @property
+    def trains_experts(self) -> bool:
+        """Can adapt with mixture-of-LoRA-experts layers: plain PEFT LoRA, no fixed init or DoRA."""
+        fixed = set(self.lora_fixed) - {"use_rslora"}
+        return self.adapter == "lora" and not fixed
+
     def adapter_options(self) -> dict[str, Any]:
         """The PEFT config fields this method uses unless ``lora_options`` override them."""
         return {} if self.adapter == "full" else self._lora_options(None)
@@ -102,7 +108,8 @@ class Method:
     # ------------------------------------------------------------------ adaptation
     def adapt(self, model: nn.Module, lora_options: dict | None = None, *, init: str | tuple | None = None,
               total_steps: int | None = None, init_batches: Iterable[dict] | None = None,
-              train_step: Callable[[], None] | None = None, lora_ga_options: dict | None = None) -> nn.Module:
+              train_step: Callable[[], None] | None = None, lora_ga_options: dict | None = None,
+              experts: int = 1, router_top_k: int = 0) -> nn.Module:
         """Adapt ``model`` for this method and return it (a PEFT model, or ``model`` for ``full``).
 
         Args:
@@ -112,8 +119,15 @@ class Method:
             init_batches: LoRA-GA gradient-estimation batches (dicts of model inputs with labels),
                 or ``train_step``: a callable running forward + backward on them.
             lora_ga_options: ``peft.LoraGAConfig`` fields (direction, scale, stable_gamma).
+            experts: > 1 makes every adapted linear layer a mixture of that many LoRA experts
+                with a router (:mod:`altlora.moe`, the paper's Table 10); ``router_top_k`` > 0
+                keeps only the k largest gates per token.
         """
         self._check_requirements(total_steps, init_batches, train_step)
+        if experts > 1 and not self.trains_experts:
+            able = ", ".join(m for m in names() if METHODS[m].trains_experts)
+            raise MethodError(f"method {self.name!r} cannot train a mixture of LoRA experts (its adapter or "
+                              f"initialisation is not plain LoRA); methods that can: {able}")
         if init is not None and not self.accepts_init:
             raise MethodError(f"method {self.name!r} defines its own initialisation; init={init!r} "
                               "applies to LoRA methods with the default PEFT init (e.g. 'lora', 'altlora')")
@@ -143,6 +157,10 @@ class Method:
             preprocess_loraga(model, config, train_step)
         else:
             config = peft.LoraConfig(**options)
+            if experts > 1:
+                from . import moe
+
+                moe.register(config, experts, router_top_k)
         adapted = peft.get_peft_model(model, config)
         if a_init is not None:
             apply_init(adapted, a_init, b_init)

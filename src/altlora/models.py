@@ -85,9 +85,10 @@ def adapt(model: nn.Module, method: Method, cfg, kind: str, *, total_steps: int,
     """``method.adapt`` with the run's LoRA settings (``full`` trains every weight instead)."""
     try:
         if method.adapter == "full":
-            return method.adapt(model)
+            return method.adapt(model, experts=cfg.experts)
         return method.adapt(model, lora_options(cfg, kind), init=cfg.lora_init or None,
-                            total_steps=total_steps, init_batches=init_batches)
+                            total_steps=total_steps, init_batches=init_batches, experts=cfg.experts,
+                            router_top_k=cfg.router_top_k)
     except ValueError as e:  # e.g. target modules not found: say which model
         raise ModelError(f"cannot adapt {type(model).__name__} for method {method.name!r}: {e}") from None
 
@@ -107,6 +108,10 @@ def save_trained(model: nn.Module, tokenizer, folder: Path, meta: dict, initial_
         model.save_pretrained(folder, path_initial_model_for_weight_conversion=str(initial_adapter))
     else:
         model.save_pretrained(folder)
+    if meta.get("experts", 1) > 1:
+        from .moe import save_settings
+
+        save_settings(folder, meta["experts"], meta.get("router_top_k", 0))
     tokenizer.save_pretrained(folder)
     (folder / META_FILE).write_text(json.dumps(meta, indent=2))
 
@@ -124,4 +129,8 @@ def load_adapted(folder: Path) -> tuple[nn.Module, Any, dict]:
         model, tok = load_model(Path(folder), meta["kind"], meta.get("labels"))
         return model, tok, meta
     model, tok = load_model(resolve_model(meta["model_path"]), meta["kind"], meta.get("labels"))
+    if meta.get("experts", 1) > 1:  # PEFT must be told how to rebuild the routed layers
+        from .moe import load_adapter
+
+        return load_adapter(model, folder), tok, meta
     return PeftModel.from_pretrained(model, folder), tok, meta

@@ -162,6 +162,28 @@ def _torchtune_pairs(model: nn.Module) -> list[LoRAPair]:
     return pairs
 
 
+def _moe_pairs(model: nn.Module) -> list[LoRAPair]:
+    """Mixture-of-LoRA-experts layers (:mod:`altlora.moe`): ``lora_experts_A``/``lora_experts_B``
+    hold, per adapter, E expert linears; each expert is a pair with the layer's scaling."""
+    pairs = []
+    for mod_name, module in model.named_modules():
+        experts_A, experts_B = getattr(module, "lora_experts_A", None), getattr(module, "lora_experts_B", None)
+        if not (isinstance(experts_A, nn.ModuleDict) and isinstance(experts_B, nn.ModuleDict)):
+            continue
+        active = set(getattr(module, "active_adapters", []) or [])
+        for adapter in experts_A:
+            if adapter not in experts_B or (active and adapter not in active):
+                continue
+            for e, (a, b) in enumerate(zip(experts_A[adapter], experts_B[adapter])):
+                if not (a.weight.requires_grad and b.weight.requires_grad):
+                    continue
+                pairs.append(LoRAPair(a.weight, b.weight, (lambda m=module, ad=adapter: m.scaling[ad]),
+                                      name=f"{mod_name}.expert{e}", adapter=adapter, kind="linear",
+                                      a_name=f"{mod_name}.lora_experts_A.{adapter}.{e}.weight",
+                                      b_name=f"{mod_name}.lora_experts_B.{adapter}.{e}.weight"))
+    return pairs
+
+
 def _kohya_pairs(model: nn.Module) -> list[LoRAPair]:
     """kohya-ss/sd-scripts ``LoRAModule``-style layers (diffusion LoRA trainers): child
     ``lora_down`` (A) and ``lora_up`` (B), Linear or Conv2d, with ``lora_dim`` and ``alpha``; the
@@ -193,13 +215,14 @@ def find_lora_pairs(model: nn.Module) -> list[LoRAPair]:
     Searches PEFT ``LoraLayer`` modules (``lora_A``/``lora_B`` for Linear, GPT-2 Conv1D and
     Conv targets, ``lora_embedding_A``/``lora_embedding_B`` for Embedding targets), one pair
     per active adapter whose two factors have ``requires_grad=True``, torchtune-style modules
-    with ``lora_a``/``lora_b`` children and kohya-style ones with ``lora_down``/``lora_up``
-    children (diffusion LoRA networks). DoRA magnitude vectors, LoRA biases and
+    with ``lora_a``/``lora_b`` children, kohya-style ones with ``lora_down``/``lora_up``
+    children (diffusion LoRA networks) and the experts of :mod:`altlora.moe` layers (one pair
+    per expert; the router is not a factor). DoRA magnitude vectors, LoRA biases and
     ``modules_to_save`` copies are not factors and are left to the caller.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"find_lora_pairs expects an nn.Module, got {type(model).__name__}")
-    pairs = _peft_pairs(model) + _torchtune_pairs(model) + _kohya_pairs(model)
+    pairs = _peft_pairs(model) + _moe_pairs(model) + _torchtune_pairs(model) + _kohya_pairs(model)
     seen: set[int] = set()
     for p in pairs:
         for t in (p.A, p.B):

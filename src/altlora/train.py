@@ -42,6 +42,7 @@ from .config import Config, ConfigError, save_config
 from .data import TaskData, batch_indices, collate, features, load_task_for, loss_items
 from .evaluate import eval_loss, evaluate_task
 from .metrics import MetricsLog, optimizer_log_fields, peak_memory_mb, plot_loss
+from .moe import router_loss
 from .models import adapt, load_model, moves_base_weights, resolve_model, save_trained
 
 __all__ = ["train", "make_scheduler"]
@@ -239,7 +240,8 @@ def one_step(run: Run, step: int) -> dict[str, Any]:
         with nullcontext() if sync else run.net.no_sync():
             with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=run.bf16):
                 loss = run.net(**batch).loss * weight
-            (loss * d.world).backward()  # DDP averages over processes; we want the sum
+                objective = loss if cfg.experts <= 1 else loss + cfg.router_aux_weight * router_loss(run.model) * weight
+            (objective * d.world).backward()  # DDP averages over processes; we want the sum
         loss_share += loss.item()
         tokens += int(batch["attention_mask"].sum())
     grad_norm = None
@@ -315,7 +317,8 @@ def finish(run: Run) -> dict[str, Any]:
     saved = out / ("model" if full else "adapter")
     save_trained(run.model, run.tok, saved, {"model_path": str(Path(run.model_path).resolve()), "model": cfg.model,
                                              "kind": run.task.kind, "labels": run.task.labels, "task": run.task.name,
-                                             "method": run.method.name, "full": full}, run.initial_adapter)
+                                             "method": run.method.name, "full": full, "experts": cfg.experts,
+                                             "router_top_k": cfg.router_top_k}, run.initial_adapter)
     after = evaluate_task(run.model, run.tok, run.task, run.task.test, cfg)
     png = plot_loss(run.metrics.rows(), out / "loss.png")
     if png is None:
