@@ -137,6 +137,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
     model, tok, meta = load_adapted(Path(args.adapter))
     if meta.get("full"):
         raise RunError(f"{args.adapter} is a fully fine-tuned model, not an adapter: use it as it is")
+    if meta.get("quantize", "none") != "none":
+        raise RunError(f"{args.adapter} was trained on an {meta['quantize']}-quantized base: merging would fold it into "
+                       "integer weights (lossy) or into float weights it was not trained with; use it as an adapter "
+                       "on the quantized base (altlora eval --adapter)")
     if meta.get("experts", 1) > 1:
         raise RunError(f"{args.adapter} is a mixture of {meta['experts']} LoRA experts: its update depends on the "
                        "input through the router, so it has no merged weight; use it as an adapter "

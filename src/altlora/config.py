@@ -69,6 +69,8 @@ class Config:
     # model
     model: str = _f("smollm2-135m", "model", "built-in model name (see `altlora list models`) or a local HF model folder")
     gradient_checkpointing: bool = _f(False, "model", "trade compute for memory")
+    quantize: str = _f("none", "model", "store the frozen base linear layers as int8 or int4 (QLoRA-style, torchao "
+                       "weight-only; the LoRA factors stay float32): none, int8, int4")
     bf16: str = _f("auto", "model", "bfloat16 autocast: auto (only on GPUs that support it), true, false")
     device: str = _f("auto", "model", "auto, cpu, cuda, cuda:1, ...")
     # data
@@ -267,6 +269,10 @@ def resolve_config(yaml_path: str | None, cli: dict[str, Any], cli_source: str =
     if cfg.lr_scheduler not in schedulers:
         raise ConfigError(f"unknown lr_scheduler {cfg.lr_scheduler!r}; valid: {', '.join(schedulers)}."
                           f"{closest(cfg.lr_scheduler, schedulers)}")
+    if cfg.quantize not in ("none", "int8", "int4"):
+        raise ConfigError(f"quantize must be none, int8 or int4, got {cfg.quantize!r}{closest(cfg.quantize, ['int8', 'int4'])}")
+    if cfg.quantize != "none" and cfg.optimizer in ("full", "adamw"):
+        raise ConfigError("quantize freezes the base weights as integers; full fine-tuning trains them: pick a LoRA method")
     if cfg.bf16 not in ("auto", "true", "false"):
         raise ConfigError(f"bf16 must be auto, true or false, got {cfg.bf16!r}")
     return cfg

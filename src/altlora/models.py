@@ -61,6 +61,31 @@ def load_model(path: Path, kind: str, labels: list[str] | None = None) -> tuple[
     return model, tok
 
 
+#: --quantize choices: torchao weight-only configs for the frozen base's linear layers
+QUANTIZE = ("none", "int8", "int4")
+
+
+def quantize_base(model: nn.Module, how: str) -> nn.Module:
+    """Quantize the base model's linear layers in place (QLoRA-style: the frozen weights are
+    stored as integers, the LoRA factors trained on top stay float32), with torchao's weight-only
+    configs, which run on CPU: ``int8`` (8-bit storage) or ``int4`` (4-bit values; torchao's CPU
+    layout keeps them unpacked in int8, so memory is that of int8). The output layer and a
+    classification head stay in float (they are trained, or tied to the embeddings)."""
+    if how == "none":
+        return model
+    if how not in QUANTIZE:
+        raise ModelError(f"unknown quantization {how!r}; valid: {', '.join(QUANTIZE)}")
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig, IntxWeightOnlyConfig, quantize_
+    except ImportError:
+        raise ModelError("quantize needs torchao: pip install 'altlora[quant]'") from None
+    config = Int8WeightOnlyConfig() if how == "int8" else IntxWeightOnlyConfig(weight_dtype=torch.int4)
+    heads = {id(m) for m in (model.get_output_embeddings(), getattr(model, "classifier", None),
+                             getattr(model, "score", None)) if m is not None}
+    quantize_(model, config, filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and id(m) not in heads)
+    return model
+
+
 def lora_options(cfg, kind: str) -> dict[str, Any]:
     """``LoraConfig`` fields from the run config; switches left at their defaults are omitted,
     so a method that fixes them (``rslora``, ``dora``, ``pissa``) keeps its own values."""
@@ -129,6 +154,7 @@ def load_adapted(folder: Path) -> tuple[nn.Module, Any, dict]:
         model, tok = load_model(Path(folder), meta["kind"], meta.get("labels"))
         return model, tok, meta
     model, tok = load_model(resolve_model(meta["model_path"]), meta["kind"], meta.get("labels"))
+    model = quantize_base(model, meta.get("quantize", "none"))  # the base the adapter was trained on
     if meta.get("experts", 1) > 1:  # PEFT must be told how to rebuild the routed layers
         from .moe import load_adapter
 

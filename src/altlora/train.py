@@ -43,7 +43,7 @@ from .data import TaskData, batch_indices, collate, features, load_task_for, los
 from .evaluate import eval_loss, evaluate_task
 from .metrics import MetricsLog, optimizer_log_fields, peak_memory_mb, plot_loss
 from .moe import router_loss
-from .models import adapt, load_model, moves_base_weights, resolve_model, save_trained
+from .models import adapt, load_model, moves_base_weights, quantize_base, resolve_model, save_trained
 
 __all__ = ["train", "make_scheduler"]
 
@@ -150,6 +150,7 @@ def set_up(cfg: Config, d: launch.Dist, log: Callable[[str], None]) -> Run:
 
     set_seed(cfg.seed)  # before the model: a new classification head is initialised on load
     model, tok = load_model(model_path, task.kind, task.labels)
+    model = quantize_base(model, cfg.quantize)
     pad = tok.pad_token_id
     feats = features(task, tok, task.train, cfg.max_length)
     val_feats = features(task, tok, task.val, cfg.max_length)
@@ -318,7 +319,8 @@ def finish(run: Run) -> dict[str, Any]:
     save_trained(run.model, run.tok, saved, {"model_path": str(Path(run.model_path).resolve()), "model": cfg.model,
                                              "kind": run.task.kind, "labels": run.task.labels, "task": run.task.name,
                                              "method": run.method.name, "full": full, "experts": cfg.experts,
-                                             "router_top_k": cfg.router_top_k}, run.initial_adapter)
+                                             "router_top_k": cfg.router_top_k, "quantize": cfg.quantize},
+                 run.initial_adapter)
     after = evaluate_task(run.model, run.tok, run.task, run.task.test, cfg)
     png = plot_loss(run.metrics.rows(), out / "loss.png")
     if png is None:
