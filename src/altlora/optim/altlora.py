@@ -149,19 +149,15 @@ def altlora_factor_update(
     (non-finite gradient or update, or a Gram that is not positive definite) come back
     unchanged (their input tensors).
     """
-    n, r = gram.shape[0], gram.shape[-1]
-    eye = torch.eye(r, dtype=gram.dtype, device=gram.device)
-    L, info = torch.linalg.cholesky_ex(gram + ridge * eye)
-    carry = _per_pair(beta1 * torch.cholesky_solve(cross, L), xs)         # Thm 2 / Cor. 2
-    scale = (clip_coef * inv_s2) * torch.cholesky_solve(eye.expand(n, r, r), L)  # Thm 1 / Cor. 1
+    carry, scale, info = _operators(gram, cross, ridge=ridge, beta1=beta1, factor=clip_coef * inv_s2)
     if exp_avg_sqs is None:   # Algorithm 1: M = K^-1 (b1 C M + (1-b1) g / s^2)
         m_new = [_left_mul(c, m, add=_left_mul(q, g))
-                 for c, q, g, m in zip(carry, _per_pair((1 - beta1) * scale, xs), grads, exp_avgs)]
+                 for c, q, g, m in zip(_per_pair(carry, xs), _per_pair((1 - beta1) * scale, xs), grads, exp_avgs)]
         x_new = list(torch._foreach_add(xs, m_new, alpha=-lr / bc1))
         v_new, checked = None, x_new
     else:                     # Algorithm 2: the scaled gradient also feeds the second moment
         g_scaled = [_left_mul(q, g) for q, g in zip(_per_pair(scale, xs), grads)]
-        m_new = [_left_mul(c, m, add=gs, beta=1 - beta1) for gs, c, m in zip(g_scaled, carry, exp_avgs)]
+        m_new = [_left_mul(c, m, add=gs, beta=1 - beta1) for gs, c, m in zip(g_scaled, _per_pair(carry, xs), exp_avgs)]
         v_new = list(torch._foreach_mul(exp_avg_sqs, beta2))
         torch._foreach_addcmul_(v_new, g_scaled, g_scaled, value=1 - beta2)
         denom = torch._foreach_sqrt(v_new)
@@ -174,22 +170,39 @@ def altlora_factor_update(
         torch._foreach_add_(x_new, xs, alpha=-lr * weight_decay)
     # A non-finite gradient always reaches X_new (K^-1 has a positive diagonal). The 2-norm also
     # flags entries whose square overflows: such a factor would break the next step's Gram.
-    norms = (torch.stack(torch._foreach_norm(checked)) if xs[0].dim() == 2
-             else torch.cat([torch.linalg.vector_norm(t, dim=(1, 2)) for t in checked]))
-    ok = (info == 0) & norms.isfinite().view(-1, n).all(0)
+    ok = (info == 0) & _pair_norms(checked, gram.shape[0]).isfinite().all(0)
     if sync_ok is not None:
         ok = sync_ok(ok)
-    if not bool(ok.all()) and xs[0].dim() == 3:
-        keep = ok[:, None, None]
-        x_new, m_new = [torch.where(keep, x_new[0], xs[0])], [torch.where(keep, m_new[0], exp_avgs[0])]
-        if v_new is not None:
-            v_new = [torch.where(keep, v_new[0], exp_avg_sqs[0])]
-    elif not bool(ok.all()):
-        for i in (~ok).nonzero().flatten().tolist():
-            x_new[i], m_new[i] = xs[i], exp_avgs[i]
-            if v_new is not None:
-                v_new[i] = exp_avg_sqs[i]
+    if not bool(ok.all()):  # pairs that are not ok keep their input tensors
+        x_new, m_new = _keep_failed(ok, x_new, xs), _keep_failed(ok, m_new, exp_avgs)
+        v_new = None if v_new is None else _keep_failed(ok, v_new, exp_avg_sqs)
     return x_new, m_new, v_new, ok
+
+
+def _operators(gram: torch.Tensor, cross: torch.Tensor, *, ridge: torch.Tensor | float, beta1: float,
+               factor: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The r x r operators of a half-step from one batched Cholesky of ``K = Y Y^T + lam I``:
+    ``beta1 K^-1 (Y Y_prev^T)`` (the momentum's basis change, Theorem 2 / Corollary 2),
+    ``factor K^-1`` (the gradient scaling of Theorem 1 / Corollary 1, ``factor`` = clip / s^2)
+    and the factorisation's ``info`` (non-zero: K not positive definite)."""
+    n, r = gram.shape[0], gram.shape[-1]
+    eye = torch.eye(r, dtype=gram.dtype, device=gram.device)
+    L, info = torch.linalg.cholesky_ex(gram + ridge * eye)
+    return beta1 * torch.cholesky_solve(cross, L), factor * torch.cholesky_solve(eye.expand(n, r, r), L), info
+
+
+def _pair_norms(ts: list[torch.Tensor], n: int) -> torch.Tensor:
+    """Frobenius norm of every pair's part of every tensor in ``ts``, as (len(ts) / per-pair, n)."""
+    if ts[0].dim() == 2:  # n tensors per kind, one per pair
+        return torch.stack(torch._foreach_norm(ts)).view(-1, n)
+    return torch.cat([torch.linalg.vector_norm(t, dim=(1, 2)) for t in ts]).view(-1, n)  # stacked (n, r, m)
+
+
+def _keep_failed(ok: torch.Tensor, new: list[torch.Tensor], old: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``new`` with the pairs that are not ``ok`` replaced by ``old`` (per-pair lists or stacked)."""
+    if new[0].dim() == 3:
+        return [torch.where(ok[:, None, None], new[0], old[0])]
+    return [n if good else o for n, o, good in zip(new, old, ok.tolist())]
 
 
 @dataclass
