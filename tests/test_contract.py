@@ -13,7 +13,7 @@ import altlora
 from altlora.optim import REGISTRY
 from conftest import CONTRACT, PAIRED, rows
 from lowrank_problem import Problem, rel
-from tiny_models import single_thread, tiny_llama, token_batch  # noqa: F401  (autouse fixture)
+from tiny_models import assert_resumes_exactly, single_thread, tiny_llama, token_batch, train_steps  # noqa: F401
 
 
 def tiny(seed=0, dtype=torch.float32):
@@ -29,11 +29,7 @@ def tiny(seed=0, dtype=torch.float32):
 
 
 def train(model, opt, steps, start=0):
-    for t in range(start, start + steps):
-        x = token_batch(t)
-        model(input_ids=x, labels=x).loss.backward()
-        opt.step()
-        opt.zero_grad()
+    train_steps(model, opt, steps, start)
 
 
 def trainables(model):
@@ -42,24 +38,7 @@ def trainables(model):
 
 @pytest.mark.parametrize("cls, options", rows(PAIRED))
 def test_resume_is_bit_identical(cls, options):
-    n = 5  # odd: the resume point is mid-phase for switch_every=3
-    ref = tiny()
-    train(ref, cls(ref, **options), 2 * n)
-
-    model = tiny()
-    opt = cls(model, **options)
-    train(model, opt, n)
-    buf = io.BytesIO()
-    torch.save({"model": {k: v.clone() for k, v in model.state_dict().items()}, "optim": opt.state_dict()}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
-    resumed = tiny(seed=7)  # another init: everything must come from the checkpoint
-    resumed.load_state_dict(ckpt["model"])
-    opt2 = cls(resumed, **options)
-    opt2.load_state_dict(ckpt["optim"])
-    train(resumed, opt2, n, start=n)
-    a, b = trainables(ref), trainables(resumed)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_resumes_exactly(tiny, lambda m: cls(m, **options), n=5)  # odd: mid-phase for switch_every=3
 
 
 @pytest.mark.parametrize("cls, options", rows(PAIRED))

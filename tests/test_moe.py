@@ -1,7 +1,6 @@
 """Mixture-of-LoRA-experts adapters (altlora.moe, the paper's Table 10): PEFT integration, pairing
 of every expert, Theorem 1 per expert, exact resume, the router loss, the CLI."""
 
-import io
 import math
 
 import pytest
@@ -13,7 +12,7 @@ import altlora
 from altlora import moe
 from conftest import PAIRED, rows
 from lowrank_problem import rel
-from tiny_models import single_thread, tiny_llama, token_batch  # noqa: F401  (autouse fixture)
+from tiny_models import assert_resumes_exactly, single_thread, tiny_llama, token_batch  # noqa: F401
 
 E = 3
 
@@ -28,14 +27,6 @@ def moe_llama(seed=0, dtype=torch.float32, experts=E, top_k=0, nonzero_b=True):
                 if "lora_experts_B" in n or "lora_router" in n:
                     p.copy_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
     return model
-
-
-def train(model, opt, steps, start=0):
-    for t in range(start, start + steps):
-        x = token_batch(t)
-        (model(input_ids=x, labels=x).loss + 1e-2 * moe.router_loss(model)).backward()
-        opt.step()
-        opt.zero_grad()
 
 
 def test_every_expert_is_a_pair_and_the_router_goes_to_adamw():
@@ -108,24 +99,7 @@ def test_top_k_keeps_k_gates_per_token():
 @pytest.mark.parametrize("cls, options", rows({k: v for k, v in PAIRED.items() if k in ("altlora", "altlora_plus",
                                                                                            "lora_plus", "lora_rite")}))
 def test_resume_is_bit_identical(cls, options):
-    n = 3
-    ref = moe_llama()
-    train(ref, cls(ref, **options), 2 * n)
-    model = moe_llama()
-    opt = cls(model, **options)
-    train(model, opt, n)
-    buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
-    resumed = moe_llama(seed=5)
-    resumed.load_state_dict(ckpt["model"])
-    opt2 = cls(resumed, **options)
-    opt2.load_state_dict(ckpt["optim"])
-    train(resumed, opt2, n, start=n)
-    a = {k: p for k, p in ref.named_parameters() if p.requires_grad}
-    b = {k: p for k, p in resumed.named_parameters() if p.requires_grad}
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_resumes_exactly(moe_llama, lambda m: cls(m, **options), extra_loss=lambda m: 1e-2 * moe.router_loss(m))
 
 
 def test_save_and_load_give_the_same_model_and_merging_is_refused(tmp_path):

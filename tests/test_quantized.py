@@ -13,7 +13,7 @@ from peft import LoraConfig, get_peft_model
 
 pytest.importorskip("torchao")
 from conftest import PAIRED, rows  # noqa: E402
-from tiny_models import single_thread, tiny_llama, token_batch  # noqa: E402,F401  (autouse fixture)
+from tiny_models import single_thread, tiny_llama, train_steps  # noqa: E402,F401  (autouse fixture)
 from torchao.utils import TorchAOBaseTensor  # noqa: E402
 
 from altlora.models import quantize_base  # noqa: E402
@@ -22,14 +22,6 @@ from altlora.models import quantize_base  # noqa: E402
 def quantized_peft(how, seed=0):
     base = quantize_base(tiny_llama(seed), how)
     return get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-
-
-def train(model, opt, steps, start=0):
-    for t in range(start, start + steps):
-        x = token_batch(t)
-        model(input_ids=x, labels=x).loss.backward()
-        opt.step()
-        opt.zero_grad()
 
 
 @pytest.mark.parametrize("how", ["int8", "int4"])
@@ -51,11 +43,11 @@ def test_every_paired_optimizer_trains_on_a_quantized_base_and_resumes_exactly(h
     ref = quantized_peft(how)
     opt = cls(ref, **options)
     assert len(opt.param_groups[0]["pair_names"]) == 4
-    train(ref, opt, 6)
+    train_steps(ref, opt, 6)
 
     model = quantized_peft(how)
     opt = cls(model, **options)
-    train(model, opt, 3)
+    train_steps(model, opt, 3)
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     buf = io.BytesIO()
     torch.save({"trainable": trainable, "optim": opt.state_dict()}, buf)
@@ -68,7 +60,7 @@ def test_every_paired_optimizer_trains_on_a_quantized_base_and_resumes_exactly(h
                 p.copy_(ckpt["trainable"][n])
     opt2 = cls(resumed, **options)
     opt2.load_state_dict(ckpt["optim"])
-    train(resumed, opt2, 3, start=3)
+    train_steps(resumed, opt2, 3, start=3)
     a = {n: p for n, p in ref.named_parameters() if p.requires_grad}
     b = {n: p for n, p in resumed.named_parameters() if p.requires_grad}
     assert all(torch.equal(a[n], b[n]) for n in a)
