@@ -28,10 +28,6 @@ def tiny(seed=0, dtype=torch.float32):
     return model
 
 
-def train(model, opt, steps, start=0):
-    train_steps(model, opt, steps, start)
-
-
 def trainables(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -123,7 +119,7 @@ def test_other_trainable_tensors_are_updated_by_the_adamw_group(cls, options):
     assert len(aux) == 1 and all("lm_head" in n for n in aux[0]["param_names"])
     head = aux[0]["params"][0]
     before = head.detach().clone()
-    train(model, opt, 1)
+    train_steps(model, opt, 1)
     assert not torch.equal(head.detach(), before)
     assert set(opt.state[head]) == {"step", "exp_avg", "exp_avg_sq"}
 
@@ -137,7 +133,7 @@ def test_create_optimizer_builds_every_registered_name(name):
         model = tiny()
     opt = altlora.create_optimizer(model, name, **CONTRACT.get(name, (cls, {}))[1])
     assert type(opt) is cls
-    train(model, opt, 1)
+    train_steps(model, opt, 1)
 
 
 def test_create_optimizer_rejects_a_typo_naming_the_valid_ones():
@@ -184,8 +180,8 @@ def test_a_compiled_model_trains_like_the_eager_one(cls, options):
     opt_e, opt_c = cls(eager, **options), cls(net, **options)
     names = [g.get("pair_names") for g in opt_e.param_groups]
     assert names == [g.get("pair_names") for g in opt_c.param_groups] and "_orig_mod" not in str(names)
-    train(eager, opt_e, 3)
-    train(net, opt_c, 3)
+    train_steps(eager, opt_e, 3)
+    train_steps(net, opt_c, 3)
     a, b = trainables(eager), trainables(compiled)
     # aot_eager runs the same aten kernels in the same order as eager mode: bitwise
     assert all(torch.equal(a[n], b[n]) for n in a)
