@@ -326,7 +326,10 @@ REUSED: dict[str, dict] = {}
 
 
 def run_key(folder: str | Path) -> str:
-    return "/".join(Path(folder).parts[-3:])
+    """task/variant/lr<lr>-s<seed>: a run folder's name without its config hash, so runs recorded
+    before new settings (with defaults) were added to the config are still found."""
+    task, variant, name = Path(folder).parts[-3:]
+    return f"{task}/{variant}/{name.rsplit('-', 1)[0]}"
 
 
 def reuse(path: str) -> int:
@@ -336,13 +339,15 @@ def reuse(path: str) -> int:
     return len(runs)
 
 
-def read_run(cfg: Config) -> dict | None:
-    """Scores of a finished run (None if it has no results.json and was not reused)."""
+def read_run(cfg: Config, lr: float) -> dict | None:
+    """Scores of a finished run at grid value ``lr`` (None if it has no results.json and was not
+    reused). ``lr`` is the grid's value, not ``cfg.lr``: the pretrained rows ask for 0, which the
+    config resolves to the method's default."""
     out = Path(cfg.output_dir)
     if not (out / "results.json").is_file():
         old = REUSED.get(run_key(out))
-        return None if old is None else {k: old[k] for k in ("lr", "seed", "metric", "val", "val_loss", "test",
-                                                              "finite", "train_time_s")} | {"folder": str(out)}
+        return None if old is None else {k: old[k] for k in ("seed", "metric", "val", "val_loss", "test",
+                                                              "finite", "train_time_s")} | {"folder": str(out), "lr": lr}
     res = json.loads((out / "results.json").read_text())
     metric = res["metric"]
     if "val" in res:  # pretrained: written by evaluate_pretrained
@@ -351,7 +356,7 @@ def read_run(cfg: Config) -> dict | None:
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
         final = [r for r in rows if f"val_{metric}" in r][-1]
         losses = [r[k] for r in rows for k in ("loss", "val_loss") if k in r]
-    return {"folder": str(out), "lr": cfg.lr, "seed": cfg.seed, "metric": metric,
+    return {"folder": str(out), "lr": lr, "seed": cfg.seed, "metric": metric,
             "val": final[f"val_{metric}"], "val_loss": final["val_loss"], "test": res["after"][metric],
             "finite": all(math.isfinite(x) for x in losses), "train_time_s": res.get("train_time_s", 0.0)}
 
@@ -389,7 +394,7 @@ class Runner:
 
     def run(self, v: Variant, lr: float, seed: int, stage: str) -> dict | None:
         cfg = run_config(self.args, v, lr, seed)
-        rec = read_run(cfg)
+        rec = read_run(cfg, lr)
         if rec is None and self.train and not self.out_of_time():
             cfg.overwrite = True  # a run cut short restarts from scratch
             torch.manual_seed(seed)
@@ -406,7 +411,7 @@ class Runner:
                 (Path(cfg.output_dir) / "error.txt").write_text(traceback.format_exc())
                 self.log(f"FAILED {cfg.output_dir}:\n{traceback.format_exc()}")
             gc.collect()
-            rec = read_run(cfg)
+            rec = read_run(cfg, lr)
             self.log(f"{v.task} {v.name} lr {lr:g} seed {seed}: {rec and rec['test']} "
                      f"({time.monotonic() - t0:.0f} s)")
             if self.bar:
@@ -418,7 +423,7 @@ class Runner:
 
     def choose(self, v: Variant) -> float | None:
         """The grid lr with the best final validation score (ties: lower validation loss)."""
-        recs = [read_run(run_config(self.args, v, lr, 0)) for lr in task_grid(self.args, v)]
+        recs = [read_run(run_config(self.args, v, lr, 0), lr) for lr in task_grid(self.args, v)]
         ok = [r for r in recs if r and r["finite"]]
         if not ok or any(r is None for r in recs):
             return None
