@@ -169,3 +169,26 @@ def test_experts_suite_plans_table10_with_the_main_rows_lr(make_args):
             v = plan[f"{m}/experts={e}"]
             assert v.settings == {"experts": e} and v.lr_from == m and v.suite == "experts"
     assert quality.run_config(args, plan["altlora/experts=8"], 0.3, 0).experts == 8
+
+
+def test_the_pretrained_row_is_read_at_lr_zero(make_args):
+    """Regression: lr 0 resolves to the method default in the config, and the row must still be
+    found at the grid value 0 (it showed "not run" when the record carried the resolved lr)."""
+    args = make_args("--tasks", "polarity", "--methods", "pretrained", "--suite", "main", "--seeds", "2",
+                     "--report-only")
+    (v,) = quality.build_plan(args)
+    for seed, acc in ((0, 0.5), (1, 0.6)):
+        out = Path(quality.run_config(args, v, 0.0, seed).output_dir)
+        out.mkdir(parents=True)
+        (out / "results.json").write_text(json.dumps({"metric": "accuracy", "val": {"accuracy": acc},
+                                                      "after": {"accuracy": acc}}))
+    runner = quality.Runner(args, train=False, log=lambda m: None)
+    assert runner.variant(v) == 0.0
+    row = quality.aggregate(args, [v], runner)["polarity"]["pretrained"]
+    assert row["pending_runs"] == 0 and row["mean"] == pytest.approx(55.0)
+
+
+def test_reuse_ignores_the_config_hash_of_the_run_folder():
+    """Runs recorded before a new config field existed have another hash; they are the same run."""
+    assert quality.run_key("/r/polarity/lora/lr0.001-s1-0123abcd") == "polarity/lora/lr0.001-s1"
+    assert quality.run_key("/r/polarity/lora/lr0.001-s1-ffff0000") == quality.run_key("/x/polarity/lora/lr0.001-s1-0123abcd")
