@@ -8,6 +8,13 @@ differently, so the digests are not committed):
 
   python scripts/trajectory_fingerprint.py > before.json     # on the old code
   python scripts/trajectory_fingerprint.py --compare before.json
+
+A change that is meant to reorder arithmetic (a different BLAS call, fused operations) is
+held to round-off instead: save the tensors on the old code and print the largest relative
+difference per case on the new one (float64, 7 steps: expect 1e-13 or less):
+
+  python scripts/trajectory_fingerprint.py --save before.pt    # on the old code
+  python scripts/trajectory_fingerprint.py --diff before.pt
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ CASES = {
     "altlora_released": ("altlora", 1e-2, dict(convention="released_code", weight_decay=0.01)),
     "altlora_plus_bc": ("altlora_plus", 1e-2, dict(bias_correction="both", weight_decay=0.01)),
     "altlora_plus_unbatched": ("altlora_plus", 1e-2, dict(batched=False, max_grad_norm=0.1)),
+    "altlora_unbatched": ("altlora", 0.5, dict(batched=False, weight_decay=0.01)),
     "altlora_relative_ridge": ("altlora", 0.5, dict(relative_ridge=1e-2)),
     "scaled_adamw_nobc": ("scaled_adamw", 1e-2, dict(correct_bias=False, weight_decay=0.01)),
     "lora_pro_zero_x": ("lora_pro_sgd", 0.5, dict(x_mode="zero")),
@@ -49,21 +57,49 @@ def digest(tensors: dict) -> str:
     return h.hexdigest()[:16]
 
 
-def run(label: str) -> dict[str, str]:
+def final_tensors(label: str) -> dict[str, dict[str, torch.Tensor]]:
+    """The trainable tensors and the optimizer state after ``STEPS`` steps of one case."""
     name, lr, hp = CASES[label]
     model = w.build_model(label if label in w.CASES else "lora")
     opt = altlora.create_optimizer(model, name, lr=lr, **hp)
     w.train(model, opt, STEPS)
-    state = {f"{i}.{k}": v for i, st in enumerate(opt.state_dict()["state"].values()) for k, v in st.items()}
-    return {"params": digest(w.trainable(model)), "state": digest(state)}
+    state = {f"{i}.{k}": v for i, st in enumerate(opt.state_dict()["state"].values()) for k, v in st.items()
+             if torch.is_tensor(v)}
+    return {"params": {k: v.detach().clone() for k, v in w.trainable(model).items()}, "state": state}
+
+
+def relative_difference(new: dict[str, torch.Tensor], old: dict[str, torch.Tensor]) -> float:
+    """max |new - old| / max |old| over the floating-point tensors (integer counters must agree)."""
+    worst = 0.0
+    for k, ref in old.items():
+        if not ref.is_floating_point():
+            worst = max(worst, 0.0 if torch.equal(new[k], ref) else float("inf"))
+        elif ref.numel():
+            scale = ref.abs().max().item() or 1.0
+            worst = max(worst, (new[k].to(ref.dtype) - ref).abs().max().item() / scale)
+    return worst
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--compare", help="a JSON written by an earlier run: exit 1 on any difference")
+    p.add_argument("--save", help="also write the final tensors of every case to this file")
+    p.add_argument("--diff", help="tensors saved by --save: print the largest relative difference per case")
     args = p.parse_args()
     torch.set_num_threads(1)
-    result = {label: run(label) for label in CASES}
+    tensors = {label: final_tensors(label) for label in CASES}
+    if args.save:
+        torch.save(tensors, args.save)
+    if args.diff:
+        old = torch.load(args.diff, weights_only=True)
+        for label, parts in tensors.items():
+            if label not in old:
+                print(f"{label:28s} new case, nothing to compare")
+                continue
+            print(f"{label:28s} params {relative_difference(parts['params'], old[label]['params']):.1e}  "
+                  f"state {relative_difference(parts['state'], old[label]['state']):.1e}")
+        return 0
+    result = {label: {part: digest(ts) for part, ts in parts.items()} for label, parts in tensors.items()}
     if not args.compare:
         print(json.dumps(result, indent=1))
         return 0

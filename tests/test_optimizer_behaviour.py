@@ -8,6 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from altlora import AltLoRA, AltLoRAPlus
 from altlora.optim import REGISTRY
+from altlora.optim import altlora as altlora_module
 from altlora.optim.altlora import AltLoRABase
 from lowrank_problem import DT, Problem, rel
 
@@ -194,29 +195,35 @@ def test_released_code_convention_scales_by_s2_and_corrects_bias():
 @pytest.mark.parametrize("kw", [dict(), dict(switch_every=3, first="B", weight_decay=0.1), dict(mode="joint")],
                          ids=["default", "switch3", "joint"])
 @pytest.mark.parametrize("cls", CLASSES, ids=IDS)
-def test_batched_path_equals_per_pair_path(cls, kw):
+def test_batched_path_equals_per_pair_path(cls, kw, monkeypatch):
     """``batched=True`` (stacked bmm, the CUDA default) and ``False`` (per-pair matmuls, the CPU
-    default) are the same algorithm: float64 runs agree to rounding."""
+    default) are the same algorithm: float64 runs agree to rounding. The per-pair path cut into
+    chunks of one pair does the same operations on every pair: bit for bit the one-chunk run."""
     runs = {}
-    for batched in (False, True):
+    for path in ("per_pair", "batched", "chunked"):
+        monkeypatch.setattr(altlora_module, "_CHUNK_NUMEL", 1 if path == "chunked" else 10**9)
         model = tiny_peft_llama(dtype=torch.float64)
-        opt = cls(model, lr=1e-2, batched=batched, **kw)
+        opt = cls(model, lr=1e-2, batched=path == "batched", **kw)
         train(model, opt, 7)
-        runs[batched] = (snapshot(model), opt)
-    (a, opt_a), (b, opt_b) = runs[False], runs[True]
+        runs[path] = (snapshot(model), opt)
+    (a, opt_a), (b, opt_b), (c, opt_c) = runs["per_pair"], runs["batched"], runs["chunked"]
     for k in a:
         assert rel(b[k], a[k]) < 1e-12, k
-    for p_a, p_b in zip(opt_a.param_groups[0]["params"], opt_b.param_groups[0]["params"]):
+        assert torch.equal(c[k], a[k]), k
+    for p_a, p_b, p_c in zip(*(o.param_groups[0]["params"] for o in (opt_a, opt_b, opt_c))):
         assert rel(opt_b.state[p_b]["exp_avg"], opt_a.state[p_a]["exp_avg"]) < 1e-12
+        assert torch.equal(opt_c.state[p_c]["exp_avg"], opt_a.state[p_a]["exp_avg"])
 
 
-@pytest.mark.parametrize("batched", [False, True], ids=["per_pair", "batched"])
+@pytest.mark.parametrize("path", ["per_pair", "chunked", "batched"])
 @pytest.mark.parametrize("cls", CLASSES, ids=IDS)
-def test_nonfinite_pair_keeps_its_momentum_on_both_paths(cls, batched):
+def test_nonfinite_pair_keeps_its_momentum_on_every_path(cls, path, monkeypatch):
+    """The bad pair is the second: in its own chunk on the chunked path."""
+    monkeypatch.setattr(altlora_module, "_CHUNK_NUMEL", 1 if path == "chunked" else 10**9)
     prob, s = Problem(), 2.0
     A1, B1 = prob.params(s)
     A2, B2 = prob.params(s)
-    opt = cls(pairs=[(A1, B1, s, "good"), (A2, B2, s, "bad")], lr=1e-2, batched=batched)
+    opt = cls(pairs=[(A1, B1, s, "good"), (A2, B2, s, "bad")], lr=1e-2, batched=path == "batched")
     prob.backward(A1, B1, s)
     prob.backward(A2, B2, s)
     A2.grad[0, 0] = float("nan")

@@ -33,6 +33,8 @@ __all__ = ["AltLoRA", "AltLoRAPlus", "altlora_factor_update"]
 # batched=None on CPU: stack factors smaller than this (per-call overhead dominates there);
 # larger ones go per pair (stacking copies cost more). Measured by benchmarks/optimizer_step.py.
 _BATCH_BELOW = 16384
+# per-pair path: work on chunks of pairs of about this many factor entries (0.5 MiB in float32)
+_CHUNK_NUMEL = 131072
 _CONVENTIONS = {
     # this library's defaults: the paper's algorithms, started on the factor whose gradient is
     # not zero and clipped in weight space at 1 (measured in BENCHMARKS.md, section 7)
@@ -51,22 +53,15 @@ def _as(t: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor, add: torch.Tensor | None = None, beta: float = 1.0) -> torch.Tensor:
-    """``beta * add + a @ b`` for matrices, or batches of them (the ``batched`` path)."""
+    """``beta * add + a @ b`` for matrices, or batches of them (the ``batched`` path).
+
+    Used as ``(r, r) @ (r, m)``, the result is rank-first and contiguous whatever ``b``'s layout
+    (B's rank-first view is a transpose): on CPU, BLAS computes that product several times
+    faster into an (r, m) than into an (m, r) result, so moments are kept rank-first too.
+    """
     if a.dim() == 2:
         return torch.mm(a, b) if add is None else torch.addmm(add, a, b, beta=beta)
     return torch.bmm(a, b) if add is None else torch.baddbmm(add, a, b, beta=beta)
-
-
-def _left_mul(c: torch.Tensor, x: torch.Tensor, add: torch.Tensor | None = None,
-              beta: float = 1.0) -> torch.Tensor:
-    """``beta * add + c @ x`` for an (r, r) ``c`` and an (r, m) ``x``, laid out in memory like ``x``.
-
-    B's rank-first view is a transpose; computing ``(x^T c^T)^T`` for it keeps every (r, m)
-    tensor of a factor in one layout, so the elementwise ops that follow stay on the fast path.
-    """
-    if x.stride(-1) == 1:
-        return _mm(c, x, add, beta)
-    return _mm(x.mT, c.mT, None if add is None else add.mT, beta).mT
 
 
 def pair_products(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> torch.Tensor:
@@ -79,6 +74,21 @@ def pair_products(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> torch.Tenso
 def _per_pair(t: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
     """Split stacked r x r operators to match ``like`` (n tensors, or one stacked tensor)."""
     return [t] if like[0].dim() == 3 else list(t.unbind(0))
+
+
+def _chunks(xs: list[torch.Tensor]) -> list[slice]:
+    """Slices of consecutive pairs holding about ``_CHUNK_NUMEL`` factor entries each (one slice
+    for a stacked batch): the (r, m) temporaries of a chunk stay in cache and are freed before
+    the next chunk allocates, instead of all pairs' temporaries being alive at once."""
+    if xs[0].dim() == 3:
+        return [slice(0, 1)]
+    parts, start, size = [], 0, 0
+    for i, x in enumerate(xs):
+        size += x.numel()
+        if size >= _CHUNK_NUMEL:
+            parts.append(slice(start, i + 1))
+            start, size = i + 1, 0
+    return parts + ([slice(start, len(xs))] if start < len(xs) else [])
 
 
 def lifted_sq_norms(grad_grams: torch.Tensor, gram: torch.Tensor, *, inv_s2: torch.Tensor | float,
@@ -150,14 +160,46 @@ def altlora_factor_update(
     unchanged (their input tensors).
     """
     carry, scale, info = _operators(gram, cross, ridge=ridge, beta1=beta1, factor=clip_coef * inv_s2)
+    if exp_avg_sqs is None:  # Algorithm 1 weighs the scaled gradient by (1 - b1) in the operator
+        scale = (1 - beta1) * scale
+    carry, scale = _per_pair(carry, xs), _per_pair(scale, xs)
+    x_new, m_new, v_new, norms = [], [], None if exp_avg_sqs is None else [], []
+    for part in _chunks(xs):
+        x, m, v, checked = _moments_and_step(
+            xs[part], grads[part], exp_avgs[part], None if exp_avg_sqs is None else exp_avg_sqs[part],
+            carry[part], scale[part], lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+            bc1=bc1, bc2=bc2)
+        x_new += x
+        m_new += m
+        if v is not None:
+            v_new += v
+        norms.append(_pair_norms(checked, len(x) if x[0].dim() == 2 else x[0].shape[0]))
+    # A non-finite gradient always reaches X_new (K^-1 has a positive diagonal). The 2-norm also
+    # flags entries whose square overflows: such a factor would break the next step's Gram.
+    ok = (info == 0) & torch.cat(norms, dim=1).isfinite().all(0)
+    if sync_ok is not None:
+        ok = sync_ok(ok)
+    if not bool(ok.all()):  # pairs that are not ok keep their input tensors
+        x_new, m_new = _keep_failed(ok, x_new, xs), _keep_failed(ok, m_new, exp_avgs)
+        v_new = None if v_new is None else _keep_failed(ok, v_new, exp_avg_sqs)
+    return x_new, m_new, v_new, ok
+
+
+def _moments_and_step(xs: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+                      exp_avg_sqs: list[torch.Tensor] | None, carry: list[torch.Tensor], scale: list[torch.Tensor],
+                      *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, bc1: float,
+                      bc2: float) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor] | None,
+                                           list[torch.Tensor]]:
+    """Algorithm 1 or 2 on some pairs, given their r x r operators ``carry = b1 K^-1 C`` and
+    ``scale = clip K^-1 / s^2`` (times ``1 - b1`` for Algorithm 1): new factors, moments, and the
+    tensors whose finiteness decides whether each pair's update is valid."""
     if exp_avg_sqs is None:   # Algorithm 1: M = K^-1 (b1 C M + (1-b1) g / s^2)
-        m_new = [_left_mul(c, m, add=_left_mul(q, g))
-                 for c, q, g, m in zip(_per_pair(carry, xs), _per_pair((1 - beta1) * scale, xs), grads, exp_avgs)]
+        m_new = [_mm(c, m, add=_mm(q, g)) for c, q, g, m in zip(carry, scale, grads, exp_avgs)]
         x_new = list(torch._foreach_add(xs, m_new, alpha=-lr / bc1))
         v_new, checked = None, x_new
     else:                     # Algorithm 2: the scaled gradient also feeds the second moment
-        g_scaled = [_left_mul(q, g) for q, g in zip(_per_pair(scale, xs), grads)]
-        m_new = [_left_mul(c, m, add=gs, beta=1 - beta1) for gs, c, m in zip(g_scaled, _per_pair(carry, xs), exp_avgs)]
+        g_scaled = [_mm(q, g) for q, g in zip(scale, grads)]
+        m_new = [_mm(c, m, add=gs, beta=1 - beta1) for gs, c, m in zip(g_scaled, carry, exp_avgs)]
         v_new = list(torch._foreach_mul(exp_avg_sqs, beta2))
         torch._foreach_addcmul_(v_new, g_scaled, g_scaled, value=1 - beta2)
         denom = torch._foreach_sqrt(v_new)
@@ -168,15 +210,7 @@ def altlora_factor_update(
         checked = x_new + g_scaled   # V overflows exactly when the squared scaled gradient does
     if weight_decay:                 # X <- X - lr (direction + wd X)
         torch._foreach_add_(x_new, xs, alpha=-lr * weight_decay)
-    # A non-finite gradient always reaches X_new (K^-1 has a positive diagonal). The 2-norm also
-    # flags entries whose square overflows: such a factor would break the next step's Gram.
-    ok = (info == 0) & _pair_norms(checked, gram.shape[0]).isfinite().all(0)
-    if sync_ok is not None:
-        ok = sync_ok(ok)
-    if not bool(ok.all()):  # pairs that are not ok keep their input tensors
-        x_new, m_new = _keep_failed(ok, x_new, xs), _keep_failed(ok, m_new, exp_avgs)
-        v_new = None if v_new is None else _keep_failed(ok, v_new, exp_avg_sqs)
-    return x_new, m_new, v_new, ok
+    return x_new, m_new, v_new, checked
 
 
 def _operators(gram: torch.Tensor, cross: torch.Tensor, *, ridge: torch.Tensor | float, beta1: float,
@@ -353,19 +387,24 @@ class AltLoRABase(PairedOptimizer):
 
     def _state(self, group: dict, p: torch.Tensor, like: torch.Tensor, factor: str, layout: Layout) -> dict:
         """State of factor ``p``; ``like`` is its (local) rank-first view in the state dtype.
-        Moments are stored in the factor's own matrix shape (B: (k, r)), used rank-first; for a
-        column-sharded factor they are DTensors sharded like it (:func:`shard_like`). Phases of
-        several steps also keep the factor as it was at the phase's start (``phase_start``). The
-        keys never change, as checkpoint tools that load into a template expect."""
+        Moments have the factor's own matrix shape (B: (k, r)) but are laid out rank-first in
+        memory (B's is the transpose of a contiguous (r, k) tensor), the layout the update
+        computes in (:func:`_mm`); for a column-sharded factor they are DTensors sharded
+        like it (:func:`shard_like`). Phases of several steps also keep the factor as it was at
+        the phase's start (``phase_start``). The keys never change, as checkpoint tools that load
+        into a template expect."""
         st = self.state[p]
         if not st:
             dev, dt, r = like.device, like.dtype, like.shape[0]
-            shape = like.shape if factor == "A" else like.mT.shape
-            st["exp_avg"] = shard_like(torch.zeros(shape, dtype=dt, device=dev), p, layout)
+
+            def zeros() -> torch.Tensor:
+                return shard_like(r_first(torch.zeros(like.shape, dtype=dt, device=dev), factor), p, layout)
+
+            st["exp_avg"] = zeros()
             if self._second_moment:
-                st["exp_avg_sq"] = shard_like(torch.zeros(shape, dtype=dt, device=dev), p, layout)
+                st["exp_avg_sq"] = zeros()
             if self._phase_length(group) > 1:
-                st["phase_start"] = shard_like(torch.zeros(shape, dtype=dt, device=dev), p, layout)
+                st["phase_start"] = zeros()
             st["basis_cross"] = torch.zeros(r, r, dtype=dt, device=dev)
             st["nonfinite_skips"] = torch.zeros((), dtype=torch.int64, device=dev)
         return st
@@ -457,9 +496,9 @@ class AltLoRABase(PairedOptimizer):
         write_r_first(h.params, factor, h.x_lay, u.X)
         # adopt the new moment tensors (no copy) in the factor's own layout
         for s, m, p in zip(states, u.M, h.params):
-            s["exp_avg"] = shard_like(r_first(m, factor).contiguous(), p, h.x_lay)
+            s["exp_avg"] = shard_like(r_first(m, factor), p, h.x_lay)
         for s, v, p in zip(states, u.V or (), h.params):
-            s["exp_avg_sq"] = shard_like(r_first(v, factor).contiguous(), p, h.x_lay)
+            s["exp_avg_sq"] = shard_like(r_first(v, factor), p, h.x_lay)
         if u.cross is not None:
             torch._foreach_copy_([s["basis_cross"] for s in states], list(u.cross.unbind(0)))
         self._count_skips(states, u.ok)
