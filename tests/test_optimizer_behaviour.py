@@ -302,3 +302,23 @@ def test_float64_linalg_option():
     A.grad, B.grad = torch.ones_like(A), torch.ones_like(B)
     opt.step()
     assert opt.state[A]["exp_avg"].dtype == DT and A.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_all_finite_is_exact_for_every_kind_of_entry(dtype):
+    """The fast finiteness check (max and sum) must agree with isfinite().all() entry by entry,
+    including a finite tensor whose sum overflows and tensors with one NaN, +inf or -inf."""
+    from altlora.optim.sharding import all_finite
+
+    def with_entry(value: float) -> torch.Tensor:
+        t = torch.randn(5, 7).to(dtype)
+        t[2, 3] = value
+        return t
+
+    cases = [torch.randn(5, 7).to(dtype), with_entry(float("nan")), with_entry(float("inf")),
+             with_entry(-float("inf")), torch.full((5, 7), torch.finfo(dtype).max, dtype=dtype),
+             torch.full((5, 7), -torch.finfo(dtype).max, dtype=dtype), torch.zeros(0, 3, dtype=dtype),
+             torch.zeros((), dtype=dtype)]
+    expected = [bool(torch.isfinite(t).all()) for t in cases]
+    assert expected == [True, False, False, False, True, True, True, True]
+    assert all_finite(cases).tolist() == expected
