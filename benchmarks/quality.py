@@ -125,7 +125,7 @@ TABLE10 = {1: (66.11, 72.63, 72.33, 74.49, 76.91), 4: (67.43, 71.71, 71.27, 75.0
 #: suite "stack": AltLoRA's and AltLoRA+'s training-stack defaults, each changed on its own (lr of
 #: the main row): label -> (Config values, what the shipped default is)
 STACK = {
-    "first=auto": ({"optim_args": {"first": "auto"}}, "first='A' (Algorithm 1)"),
+    "first=A": ({"optim_args": {"first": "A"}}, "first='auto': B first from PEFT's B = 0"),
     "warm-up from lr 0": ({"warmup_starts_at_zero": True}, "warm-up step t at (t+1)/(W+1) of the peak"),
     "no clipping": ({"max_grad_norm": 0.0}, "the full-weight step clipped at 1"),
     "joint updates": ({"optim_args": {"mode": "joint"}}, "alternating: each factor every other step"),

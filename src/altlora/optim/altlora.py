@@ -36,9 +36,9 @@ _BATCH_BELOW = 16384
 # per-pair path: work on chunks of pairs of about this many factor entries (0.5 MiB in float32)
 _CHUNK_NUMEL = 131072
 _CONVENTIONS = {
-    # this library's defaults: the paper's algorithms (A first) clipped in weight space at 1
-    # (measured in BENCHMARKS.md, section 7.1; first="auto" was no better on either task)
-    "default": dict(divide_by_scaling_sq=True, bias_correction="none", first="A", max_grad_norm=1.0),
+    # this library's defaults: the paper's algorithms, started on the factor whose gradient is
+    # not zero and clipped in weight space at 1 (measured in BENCHMARKS.md, section 7)
+    "default": dict(divide_by_scaling_sq=True, bias_correction="none", first="auto", max_grad_norm=1.0),
     # paper: Algorithms 1-2 as printed (1/s^2 scaled gradients, no bias correction, A first,
     # no clipping)
     "paper": dict(divide_by_scaling_sq=True, bias_correction="none", first="A", max_grad_norm=None),
