@@ -760,3 +760,15 @@ def test_kohya_style_network_pairs_by_structure_and_params_alone_are_refused(opt
     moved = {n for n, p in net.named_parameters() if not torch.equal(p, before[n])}
     assert moved == {"conv.lora_down.weight", "conv.lora_up.weight", "proj.lora_down.weight", "proj.lora_up.weight"}
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("a_attr, b_attr, needs", [("lora_a", "lora_b", "alpha and rank"),
+                                                   ("lora_down", "lora_up", "alpha and lora_dim")])
+def test_child_factor_modules_without_scaling_attributes_are_refused(a_attr, b_attr, needs):
+    """torchtune- and kohya-shaped modules whose scaling cannot be computed: named, with the way out."""
+    layer = nn.Module()
+    setattr(layer, a_attr, nn.Linear(8, 2, bias=False))
+    setattr(layer, b_attr, nn.Linear(2, 8, bias=False))
+    model = nn.Sequential(layer)
+    with pytest.raises(LoRAPairingError, match=rf"0: has {a_attr}/{b_attr} but no {needs} .*pairs=\[\(A, B, scaling\)\]"):
+        find_lora_pairs(model)

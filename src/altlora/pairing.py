@@ -18,6 +18,7 @@ so rsLoRA, ``rank_pattern``/``alpha_pattern`` and ``set_scale`` are honoured.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence, Union
 
@@ -142,26 +143,6 @@ def _peft_pairs(model: nn.Module) -> list[LoRAPair]:
     return pairs
 
 
-def _torchtune_pairs(model: nn.Module) -> list[LoRAPair]:
-    """torchtune-style layers: child linears ``lora_a``/``lora_b`` and ``rank``/``alpha`` attributes."""
-    pairs = []
-    for mod_name, module in model.named_modules():
-        a, b = getattr(module, "lora_a", None), getattr(module, "lora_b", None)
-        if not (isinstance(a, nn.Linear) and isinstance(b, nn.Linear)):
-            continue
-        if not (a.weight.requires_grad and b.weight.requires_grad):
-            continue
-        if not (hasattr(module, "alpha") and hasattr(module, "rank")):
-            raise LoRAPairingError(
-                f"{mod_name}: has lora_a/lora_b but no alpha and rank attributes to compute the "
-                "scaling; pass pairs=[(A, B, scaling)] explicitly."
-            )
-        pairs.append(LoRAPair(a.weight, b.weight, (lambda m=module: m.alpha / m.rank),
-                              name=mod_name, kind="linear",
-                              a_name=f"{mod_name}.lora_a.weight", b_name=f"{mod_name}.lora_b.weight"))
-    return pairs
-
-
 def _moe_pairs(model: nn.Module) -> list[LoRAPair]:
     """Mixture-of-LoRA-experts layers (:mod:`altlora.moe`): ``lora_experts_A``/``lora_experts_B``
     hold, per adapter, E expert linears; each expert is a pair with the layer's scaling."""
@@ -184,29 +165,38 @@ def _moe_pairs(model: nn.Module) -> list[LoRAPair]:
     return pairs
 
 
+def _child_pairs(model: nn.Module, a_attr: str, b_attr: str, types: tuple[type, ...],
+                 needs: tuple[str, str], scaling: Callable[[nn.Module], float]) -> list[LoRAPair]:
+    """Modules holding the factors as two child layers ``a_attr`` (A) and ``b_attr`` (B) of
+    ``types``, with the attributes ``needs`` from which ``scaling(module)`` is computed."""
+    pairs = []
+    for mod_name, module in model.named_modules():
+        a, b = getattr(module, a_attr, None), getattr(module, b_attr, None)
+        if not (isinstance(a, types) and isinstance(b, types)):
+            continue
+        if not (a.weight.requires_grad and b.weight.requires_grad):
+            continue
+        if not all(hasattr(module, n) for n in needs):
+            raise LoRAPairingError(
+                f"{mod_name}: has {a_attr}/{b_attr} but no {needs[0]} and {needs[1]} attributes to compute "
+                "the scaling; pass pairs=[(A, B, scaling)] explicitly.")
+        pairs.append(LoRAPair(a.weight, b.weight, functools.partial(scaling, module), name=mod_name,
+                              kind="conv" if isinstance(a, nn.Conv2d) else "linear",
+                              a_name=f"{mod_name}.{a_attr}.weight", b_name=f"{mod_name}.{b_attr}.weight"))
+    return pairs
+
+
+def _torchtune_pairs(model: nn.Module) -> list[LoRAPair]:
+    """torchtune-style layers: child linears ``lora_a``/``lora_b`` and ``rank``/``alpha`` attributes."""
+    return _child_pairs(model, "lora_a", "lora_b", (nn.Linear,), ("alpha", "rank"), lambda m: m.alpha / m.rank)
+
+
 def _kohya_pairs(model: nn.Module) -> list[LoRAPair]:
     """kohya-ss/sd-scripts ``LoRAModule``-style layers (diffusion LoRA trainers): child
     ``lora_down`` (A) and ``lora_up`` (B), Linear or Conv2d, with ``lora_dim`` and ``alpha``; the
     output is ``lora_up(lora_down(x)) * multiplier * alpha / lora_dim``."""
-    pairs = []
-    for mod_name, module in model.named_modules():
-        down, up = getattr(module, "lora_down", None), getattr(module, "lora_up", None)
-        if not (isinstance(down, (nn.Linear, nn.Conv2d)) and isinstance(up, (nn.Linear, nn.Conv2d))):
-            continue
-        if not (down.weight.requires_grad and up.weight.requires_grad):
-            continue
-        if not (hasattr(module, "alpha") and hasattr(module, "lora_dim")):
-            raise LoRAPairingError(
-                f"{mod_name}: has lora_down/lora_up but no alpha and lora_dim attributes to compute the "
-                "scaling; pass pairs=[(A, B, scaling)] explicitly.")
-
-        def scaling(m: nn.Module = module) -> float:
-            return float(getattr(m, "multiplier", 1.0)) * float(m.alpha) / m.lora_dim
-
-        pairs.append(LoRAPair(down.weight, up.weight, scaling, name=mod_name,
-                              kind="conv" if isinstance(down, nn.Conv2d) else "linear",
-                              a_name=f"{mod_name}.lora_down.weight", b_name=f"{mod_name}.lora_up.weight"))
-    return pairs
+    return _child_pairs(model, "lora_down", "lora_up", (nn.Linear, nn.Conv2d), ("alpha", "lora_dim"),
+                        lambda m: float(getattr(m, "multiplier", 1.0)) * float(m.alpha) / m.lora_dim)
 
 
 def find_lora_pairs(model: nn.Module) -> list[LoRAPair]:
