@@ -89,6 +89,8 @@ if args.quick:
     args.steps, args.warmup = 4, 2
 if args.steps < 1 or args.warmup < 0:
     parser.error("--steps must be >= 1 and --warmup >= 0")
+if min(args.ranks) < 1:
+    parser.error(f"--ranks must be LoRA ranks >= 1, got {args.ranks}")
 
 torch.set_num_threads(args.threads)
 

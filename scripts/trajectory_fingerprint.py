@@ -86,6 +86,9 @@ def main() -> int:
     p.add_argument("--save", help="also write the final tensors of every case to this file")
     p.add_argument("--diff", help="tensors saved by --save: print the largest relative difference per case")
     args = p.parse_args()
+    for given in (args.compare, args.diff):
+        if given and not Path(given).is_file():
+            p.error(f"{given}: no such file (write it first on the old code, see the module docstring)")
     torch.set_num_threads(1)
     tensors = {label: final_tensors(label) for label in CASES}
     if args.save:
