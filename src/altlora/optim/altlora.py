@@ -128,7 +128,7 @@ def altlora_factor_update(
     ridge: torch.Tensor | float = 1e-6,
     bc1: float = 1.0,
     bc2: float = 1.0,
-    grad_coef: torch.Tensor | float = 1.0,
+    clip_coef: torch.Tensor | float = 1.0,
     sync_ok: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor] | None, torch.Tensor]:
     """One AltLoRA / AltLoRA+ half-step on ``n`` factors (pure function, like ``torch.optim``'s
@@ -144,9 +144,8 @@ def altlora_factor_update(
         cross: ``Y Y_prev^T`` (n, r, r), the basis change since the momentum was stored.
         inv_s2: ``1/s^2`` per pair, shape (n, 1, 1) or a number.
         ridge: lambda, a number or one per pair (n, 1, 1).
-        grad_coef: multiplies the scaled gradient ``g~`` before it enters the moments: a number
-            or one per pair (n, 1, 1): gradient clipping in weight space (see
-            :func:`lifted_sq_norms`) times the per-pair normalisation of ``normalize="pair"``.
+        clip_coef: multiplies the scaled gradient ``g~`` before it enters the moments
+            (gradient clipping in weight space, see :func:`lifted_sq_norms`).
         sync_ok: combines the per-pair "update is valid" flags across column shards.
 
     The ridge-regularised Gram ``K = Y Y^T + lam I`` is factorised once (batched Cholesky);
@@ -160,7 +159,7 @@ def altlora_factor_update(
     (non-finite gradient or update, or a Gram that is not positive definite) come back
     unchanged (their input tensors).
     """
-    carry, scale, info = _operators(gram, cross, ridge=ridge, beta1=beta1, factor=grad_coef * inv_s2)
+    carry, scale, info = _operators(gram, cross, ridge=ridge, beta1=beta1, factor=clip_coef * inv_s2)
     if exp_avg_sqs is None:  # Algorithm 1 weighs the scaled gradient by (1 - b1) in the operator
         scale = (1 - beta1) * scale
     carry, scale = _per_pair(carry, xs), _per_pair(scale, xs)
@@ -259,7 +258,6 @@ class _HalfStep:
     ridge: torch.Tensor | float
     inv_s2: torch.Tensor | float
     batched: bool
-    lifted_sq: torch.Tensor | None = None  # ||s Y^T g~||^2 per pair, once measured
 
 
 @dataclass
@@ -290,7 +288,6 @@ class AltLoRABase(PairedOptimizer):
                  mode: str, convention: str, divide_by_scaling_sq: bool | None,
                  bias_correction: str | bool | None, weight_decay: float, ridge: float,
                  relative_ridge: float, max_grad_norm: float | None, batched: bool | None,
-                 normalize: str = "none", normalize_beta: float = 0.98, normalize_eps: float = 1e-8,
                  **kwargs: Any) -> None:
         if convention not in _CONVENTIONS:
             raise ValueError(f"convention must be one of {sorted(_CONVENTIONS)}, got {convention!r}")
@@ -312,10 +309,6 @@ class AltLoRABase(PairedOptimizer):
             raise ValueError(f"mode must be 'alternating' or 'joint', got {mode!r}")
         check_range("weight_decay", weight_decay, 0.0, None)
         check_range("ridge", ridge, 0.0, None)
-        if normalize not in ("none", "pair"):
-            raise ValueError(f"normalize must be 'none' or 'pair', got {normalize!r}")
-        check_range("normalize_beta", normalize_beta, 0.0, 1.0)
-        check_range("normalize_eps", normalize_eps, 0.0, None)
         bias_correction = {True: "both", False: "none"}.get(bias_correction, bias_correction)
         if bias_correction not in ("none", "first", "both"):
             raise ValueError(f"bias_correction must be 'none', 'first' or 'both', got {bias_correction!r}")
@@ -324,7 +317,6 @@ class AltLoRABase(PairedOptimizer):
             switch_every=switch_every, first=first,
             mode=mode, divide_by_scaling_sq=bool(divide_by_scaling_sq),
             bias_correction=bias_correction, batched=batched,
-            normalize=normalize, normalize_beta=normalize_beta, normalize_eps=normalize_eps,
         )
         super().__init__(params, lora_options, **kwargs)
         self.max_grad_norm = max_grad_norm or None
@@ -414,8 +406,6 @@ class AltLoRABase(PairedOptimizer):
             if self._phase_length(group) > 1:
                 st["phase_start"] = zeros()
             st["basis_cross"] = torch.zeros(r, r, dtype=dt, device=dev)
-            if group.get("normalize", "none") == "pair":
-                st["pair_sq"] = torch.zeros((), dtype=dt, device=dev)
             st["nonfinite_skips"] = torch.zeros((), dtype=torch.int64, device=dev)
         return st
 
@@ -455,30 +445,9 @@ class AltLoRABase(PairedOptimizer):
 
     @staticmethod
     def _lifted_sq_norms(group: dict, h: _HalfStep) -> torch.Tensor:
-        """``||s Y^T g~||^2`` per pair (unclipped), measured once per half-step."""
-        if h.lifted_sq is None:
-            grad_grams = all_reduce_sum(pair_products(h.G, h.G), h.x_lay)
-            scaling = torch.tensor(h.bucket.scaling, dtype=h.gram.dtype, device=h.gram.device)
-            h.lifted_sq = lifted_sq_norms(grad_grams, h.gram, inv_s2=h.inv_s2, scaling=scaling, ridge=h.ridge)
-        return h.lifted_sq
-
-    def _grad_coef(self, group: dict, h: _HalfStep, clip: Clip, n_updates: int) -> torch.Tensor | float:
-        """What multiplies each pair's scaled gradient: the clip coefficient, and with
-        ``normalize="pair"`` ``1 / (sqrt(v^) + eps)``, where ``v`` is an EMA (``normalize_beta``,
-        bias-corrected) of the squared norm of the pair's clipped full-weight step
-        ``||s Y^T g~||^2``, one scalar per factor: the momentum then averages steps of unit
-        weight-space norm, so every pair moves by about ``lr`` per step whatever its gradient's
-        scale (NovoGrad's layer-wise normalisation, taken in weight space). The norm does not
-        change under ``(A, B) -> (R A, B R^-1)`` at ridge 0, so neither does the trajectory."""
-        coef = 1.0 if clip.coef is None else clip.coef.to(h.gram.dtype)
-        if group.get("normalize", "none") == "none":
-            return coef
-        beta = group["normalize_beta"]
-        sq = (coef**2 * self._lifted_sq_norms(group, h)).view(-1, 1, 1)
-        v = torch.stack([s["pair_sq"] for s in h.x_states]).view(-1, 1, 1)
-        v = torch.where(sq.isfinite(), beta * v + (1 - beta) * sq, v)  # a non-finite pair is skipped
-        torch._foreach_copy_([s["pair_sq"] for s in h.x_states], list(v.view(-1).unbind(0)))
-        return coef / ((v / (1 - beta**n_updates)).sqrt() + group["normalize_eps"])
+        grad_grams = all_reduce_sum(pair_products(h.G, h.G), h.x_lay)
+        scaling = torch.tensor(h.bucket.scaling, dtype=h.gram.dtype, device=h.gram.device)
+        return lifted_sq_norms(grad_grams, h.gram, inv_s2=h.inv_s2, scaling=scaling, ridge=h.ridge)
 
     def _compute(self, group: dict, h: _HalfStep, clip: Clip) -> _HalfUpdate:
         """Algorithm 1 or 2 for one half-step (:func:`altlora_factor_update`), plus the Theorem 2
@@ -498,7 +467,7 @@ class AltLoRABase(PairedOptimizer):
         X_new, M_new, V_new, ok = altlora_factor_update(
             X, h.G, h.M, h.V, h.gram, cross, inv_s2=h.inv_s2, lr=group["lr"], beta1=beta1, beta2=beta2,
             eps=eps, weight_decay=group["weight_decay"], ridge=h.ridge, bc1=bc1, bc2=bc2,
-            grad_coef=self._grad_coef(group, h, clip, n_updates),
+            clip_coef=1.0 if clip.coef is None else clip.coef.to(h.gram.dtype),
             sync_ok=lambda flags: all_reduce_and(flags, h.x_lay),
         )
         self._raise_if_nonfinite(group, h.bucket.index, ok, f"factor {factor}")
@@ -583,7 +552,6 @@ class AltLoRA(AltLoRABase):
                  first: str | None = None, mode: str = "alternating", convention: str = "default",
                  divide_by_scaling_sq: bool | None = None,
                  bias_correction: str | bool | None = None, batched: bool | None = None,
-                 normalize: str = "none", normalize_beta: float = 0.98, normalize_eps: float = 1e-8,
                  **kwargs: Any) -> None:
         check_range("beta1", beta1, 0.0, 1.0)
         super().__init__(params, dict(lr=lr, beta1=beta1), switch_every=switch_every,
@@ -591,8 +559,7 @@ class AltLoRA(AltLoRABase):
                          divide_by_scaling_sq=divide_by_scaling_sq,
                          bias_correction=bias_correction, weight_decay=weight_decay,
                          ridge=ridge, relative_ridge=relative_ridge, max_grad_norm=max_grad_norm,
-                         batched=batched, normalize=normalize, normalize_beta=normalize_beta,
-                         normalize_eps=normalize_eps, **kwargs)
+                         batched=batched, **kwargs)
 
     def _coefficients(self, group: dict) -> tuple[float, float, float]:
         return group["beta1"], 0.0, 0.0

@@ -16,9 +16,7 @@ the current point; the other factor's value at this factor's previous update (``
 
 ``max_grad_norm`` adds this library's clipping: every g~ of a step is scaled by
 ``min(1, c / N)``, N the Frobenius norm of the full-weight steps ``s B g~_A`` and ``s g~_B A``
-(computed here from the k x d products themselves). ``normalize_beta`` adds ``normalize="pair"``:
-each factor keeps ``v``, an EMA of ``N_f^2 = ||s B g~_A||^2`` (or ``||s g~_B A||^2``) of its
-clipped g~, and g~ is divided by ``sqrt(v / (1 - beta^n)) + eps`` (n: that factor's updates so far).
+(computed here from the k x d products themselves).
 """
 
 from __future__ import annotations
@@ -48,8 +46,6 @@ def altlora_reference(
     weight_decay: float = 0.0,
     ridge: float = 1e-6,
     max_grad_norm: float | None = None,
-    normalize_beta: float | None = None,
-    normalize_eps: float = 1e-8,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The iterates ``(A_t, B_t)``, t = 1 .. steps, of Algorithm 1 (``plus=False``) or 2.
 
@@ -62,7 +58,6 @@ def altlora_reference(
     M_A, M_B = torch.zeros_like(A), torch.zeros_like(B)
     V_A, V_B = torch.zeros_like(A), torch.zeros_like(B)
     B_prev, A_prev = torch.zeros_like(B), torch.zeros_like(A)  # the other factor at this one's last update
-    v, updates = {"A": 0.0, "B": 0.0}, {"A": 0, "B": 0}  # normalize_beta: per-factor step-norm EMA
     second = {"A": "B", "B": "A"}[first]
     iterates = []
     for t in range(steps):
@@ -76,14 +71,6 @@ def altlora_reference(
             coef = min(1.0, max_grad_norm / (sum(float(x) ** 2 for x in lifted) ** 0.5 + 1e-6))
             g_A = None if g_A is None else coef * g_A
             g_B = None if g_B is None else coef * g_B
-        if normalize_beta is not None:
-            for f, lifted in (("A", None if g_A is None else s * B @ g_A), ("B", None if g_B is None else s * g_B @ A)):
-                if lifted is None:
-                    continue
-                v[f] = normalize_beta * v[f] + (1 - normalize_beta) * float(lifted.norm()) ** 2
-                updates[f] += 1
-                div = (v[f] / (1 - normalize_beta ** updates[f])) ** 0.5 + normalize_eps
-                g_A, g_B = (g_A / div, g_B) if f == "A" else (g_A, g_B / div)
         new_A, new_B = A, B
         if g_A is not None:
             M_tilde = torch.linalg.solve(B.T @ B + ridge * I, B.T @ B_prev @ M_A)
