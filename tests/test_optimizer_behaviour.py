@@ -233,6 +233,10 @@ def test_nonfinite_pair_keeps_its_momentum_on_every_path(cls, path, monkeypatch)
     assert torch.equal(A2.detach(), a2)
     assert torch.count_nonzero(opt.state[A2]["exp_avg"]) == 0
     assert opt.stats()["skipped_steps"] == 1
+    # the basis change for B's momentum (Theorem 2): A_new A_old^T, and A_old A_old^T for the
+    # skipped pair (float64 sums of d products: agree to a few ulps)
+    assert rel(opt.state[A1]["basis_cross"], A1.detach() @ a1.T) < 1e-13
+    assert rel(opt.state[A2]["basis_cross"], a2 @ a2.T) < 1e-13
 
 
 def test_stats_reports_phase_skips_and_gram_conditions():

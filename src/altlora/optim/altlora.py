@@ -52,16 +52,20 @@ def _as(t: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dt else t.to(dt)
 
 
-def _mm(a: torch.Tensor, b: torch.Tensor, add: torch.Tensor | None = None, beta: float = 1.0) -> torch.Tensor:
-    """``beta * add + a @ b`` for matrices, or batches of them (the ``batched`` path).
+def _mm(a: torch.Tensor, b: torch.Tensor, add: torch.Tensor | None = None, beta: float = 1.0,
+        inplace: bool = False) -> torch.Tensor:
+    """``beta * add + a @ b`` for matrices, or batches of them (the ``batched`` path); with
+    ``inplace`` into ``add`` (a temporary), which saves a copy of it.
 
     Used as ``(r, r) @ (r, m)``, the result is rank-first and contiguous whatever ``b``'s layout
     (B's rank-first view is a transpose): on CPU, BLAS computes that product several times
     faster into an (r, m) than into an (m, r) result, so moments are kept rank-first too.
     """
-    if a.dim() == 2:
-        return torch.mm(a, b) if add is None else torch.addmm(add, a, b, beta=beta)
-    return torch.bmm(a, b) if add is None else torch.baddbmm(add, a, b, beta=beta)
+    if add is None:
+        return torch.mm(a, b) if a.dim() == 2 else torch.bmm(a, b)
+    if inplace:
+        return add.addmm_(a, b, beta=beta) if a.dim() == 2 else add.baddbmm_(a, b, beta=beta)
+    return torch.addmm(add, a, b, beta=beta) if a.dim() == 2 else torch.baddbmm(add, a, b, beta=beta)
 
 
 def pair_products(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> torch.Tensor:
@@ -130,7 +134,8 @@ def altlora_factor_update(
     bc2: float = 1.0,
     clip_coef: torch.Tensor | float = 1.0,
     sync_ok: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor] | None, torch.Tensor]:
+    starts: list[torch.Tensor] | None = None,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor] | None, torch.Tensor, torch.Tensor | None]:
     """One AltLoRA / AltLoRA+ half-step on ``n`` factors (pure function, like ``torch.optim``'s
     functional ``adamw``: lists in, new lists out).
 
@@ -147,6 +152,9 @@ def altlora_factor_update(
         clip_coef: multiplies the scaled gradient ``g~`` before it enters the moments
             (gradient clipping in weight space, see :func:`lifted_sq_norms`).
         sync_ok: combines the per-pair "update is valid" flags across column shards.
+        starts: the factors as they were at this phase's start (same layout as ``xs``), or None:
+            when given, the basis change ``X_new starts^T`` (this shard's part, (n, r, r)) is
+            computed chunk by chunk, while ``X_new`` is still in cache.
 
     The ridge-regularised Gram ``K = Y Y^T + lam I`` is factorised once (batched Cholesky);
     the r x r operators ``K^-1 (Y Y_prev^T)`` and ``K^-1`` come from ``cholesky_solve`` with
@@ -155,15 +163,15 @@ def altlora_factor_update(
     factorisation of K) and several times faster on CPU, where a triangular solve with
     thousands of right-hand sides runs far below matmul speed.
 
-    Returns ``(xs_new, exp_avgs_new, exp_avg_sqs_new, ok)``; pairs with ``ok == False``
+    Returns ``(xs_new, exp_avgs_new, exp_avg_sqs_new, ok, cross)``; pairs with ``ok == False``
     (non-finite gradient or update, or a Gram that is not positive definite) come back
-    unchanged (their input tensors).
+    unchanged (their input tensors), and so does their ``cross`` (``X starts^T``).
     """
     carry, scale, info = _operators(gram, cross, ridge=ridge, beta1=beta1, factor=clip_coef * inv_s2)
     if exp_avg_sqs is None:  # Algorithm 1 weighs the scaled gradient by (1 - b1) in the operator
         scale = (1 - beta1) * scale
     carry, scale = _per_pair(carry, xs), _per_pair(scale, xs)
-    x_new, m_new, v_new, norms = [], [], None if exp_avg_sqs is None else [], []
+    x_new, m_new, v_new, norms, crosses = [], [], None if exp_avg_sqs is None else [], [], []
     for part in _chunks(xs):
         x, m, v, checked = _moments_and_step(
             xs[part], grads[part], exp_avgs[part], None if exp_avg_sqs is None else exp_avg_sqs[part],
@@ -174,6 +182,9 @@ def altlora_factor_update(
         if v is not None:
             v_new += v
         norms.append(_pair_norms(checked, len(x) if x[0].dim() == 2 else x[0].shape[0]))
+        if starts is not None:
+            crosses.append(pair_products(x, starts[part]))
+    cross = torch.cat(crosses) if starts is not None else None
     # A non-finite gradient always reaches X_new (K^-1 has a positive diagonal). The 2-norm also
     # flags entries whose square overflows: such a factor would break the next step's Gram.
     ok = (info == 0) & torch.cat(norms, dim=1).isfinite().all(0)
@@ -182,7 +193,9 @@ def altlora_factor_update(
     if not bool(ok.all()):  # pairs that are not ok keep their input tensors
         x_new, m_new = _keep_failed(ok, x_new, xs), _keep_failed(ok, m_new, exp_avgs)
         v_new = None if v_new is None else _keep_failed(ok, v_new, exp_avg_sqs)
-    return x_new, m_new, v_new, ok
+        if cross is not None:
+            cross = torch.where(ok.view(-1, 1, 1), cross, pair_products(xs, starts))
+    return x_new, m_new, v_new, ok, cross
 
 
 def _moments_and_step(xs: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
@@ -193,8 +206,8 @@ def _moments_and_step(xs: list[torch.Tensor], grads: list[torch.Tensor], exp_avg
     """Algorithm 1 or 2 on some pairs, given their r x r operators ``carry = b1 K^-1 C`` and
     ``scale = clip K^-1 / s^2`` (times ``1 - b1`` for Algorithm 1): new factors, moments, and the
     tensors whose finiteness decides whether each pair's update is valid."""
-    if exp_avg_sqs is None:   # Algorithm 1: M = K^-1 (b1 C M + (1-b1) g / s^2)
-        m_new = [_mm(c, m, add=_mm(q, g)) for c, q, g, m in zip(carry, scale, grads, exp_avgs)]
+    if exp_avg_sqs is None:   # Algorithm 1: M = K^-1 (b1 C M + (1-b1) g / s^2), summed in place
+        m_new = [_mm(c, m, add=_mm(q, g), inplace=True) for c, q, g, m in zip(carry, scale, grads, exp_avgs)]
         x_new = list(torch._foreach_add(xs, m_new, alpha=-lr / bc1))
         v_new, checked = None, x_new
     else:                     # Algorithm 2: the scaled gradient also feeds the second moment
@@ -457,23 +470,16 @@ class AltLoRABase(PairedOptimizer):
         phase_first, phase_last = t % every == 0, (t + 1) % every == 0
         # At a phase's first step the other factor has moved since this factor's last update:
         # use the stored basis change; otherwise Y_prev = Y and the change is the Gram itself.
-        cross = torch.stack([s["basis_cross"] for s in h.y_states]) if phase_first else h.gram
+        basis = torch.stack([s["basis_cross"] for s in h.y_states]) if phase_first else h.gram
         beta1, beta2, eps = self._coefficients(group)
         n_updates = self._update_count(group, factor, t)
         bc = group["bias_correction"]
         bc1 = 1 - beta1**n_updates if bc in ("first", "both") else 1.0
         bc2 = 1 - beta2**n_updates if bc == "both" and self._second_moment else 1.0
 
-        X_new, M_new, V_new, ok = altlora_factor_update(
-            X, h.G, h.M, h.V, h.gram, cross, inv_s2=h.inv_s2, lr=group["lr"], beta1=beta1, beta2=beta2,
-            eps=eps, weight_decay=group["weight_decay"], ridge=h.ridge, bc1=bc1, bc2=bc2,
-            clip_coef=1.0 if clip.coef is None else clip.coef.to(h.gram.dtype),
-            sync_ok=lambda flags: all_reduce_and(flags, h.x_lay),
-        )
-        self._raise_if_nonfinite(group, h.bucket.index, ok, f"factor {factor}")
-
-        # Basis change r x r that the *other* factor's momentum will need (Thm 2): X_new X_start^T.
-        cross_out = snapshots = None
+        # Basis change r x r that the *other* factor's momentum will need (Thm 2): X_new X_start^T,
+        # at the phase's last step.
+        starts = None
         if phase_last:
             saved = [s.get("phase_start") for s in states]
             if every == 1 or any(x is None for x in saved):  # a one-step phase started where X is
@@ -481,8 +487,16 @@ class AltLoRABase(PairedOptimizer):
             else:
                 starts = [r_first(as_local(x), factor) for x in saved]
                 starts = [torch.stack(starts)] if h.batched else starts
-            cross_out = all_reduce_sum(pair_products(X_new, starts), h.x_lay)
-        elif phase_first:  # copied into phase_start by _apply, before the factor is written
+        X_new, M_new, V_new, ok, cross = altlora_factor_update(
+            X, h.G, h.M, h.V, h.gram, basis, inv_s2=h.inv_s2, lr=group["lr"], beta1=beta1, beta2=beta2,
+            eps=eps, weight_decay=group["weight_decay"], ridge=h.ridge, bc1=bc1, bc2=bc2,
+            clip_coef=1.0 if clip.coef is None else clip.coef.to(h.gram.dtype),
+            sync_ok=lambda flags: all_reduce_and(flags, h.x_lay), starts=starts,
+        )
+        self._raise_if_nonfinite(group, h.bucket.index, ok, f"factor {factor}")
+        cross_out = None if cross is None else all_reduce_sum(cross, h.x_lay)
+        snapshots = None
+        if phase_first and not phase_last:  # copied into phase_start by _apply, before the factor is written
             snapshots = list(X[0].unbind(0)) if h.batched else X
         if h.batched:
             X_new, M_new = list(X_new[0].unbind(0)), list(M_new[0].unbind(0))
