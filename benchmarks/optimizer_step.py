@@ -139,15 +139,30 @@ def paired(cls, **hp):
                              lr=LR, **hp)
 
 
+class ClippedAdamW(torch.optim.AdamW):
+    """AdamW after ``clip_grad_norm_``: what a LoRA-AdamW training loop runs per step, where
+    AltLoRA and AltLoRA+ clip inside ``step()``. The threshold never binds (the clip multiplies
+    every gradient by exactly 1, as torch always does), so the shared gradients stay unchanged."""
+
+    def step(self, closure=None):
+        torch.nn.utils.clip_grad_norm_([p for g in self.param_groups for p in g["params"]], 1e30, foreach=True)
+        return super().step(closure)
+
+
 BASELINE = "AdamW(foreach)"
 OPTIMIZERS = {
     BASELINE: lambda pairs: torch.optim.AdamW(
+        [t for ab in pairs for t in ab], lr=LR, weight_decay=0.0, foreach=True),
+    "AdamW(foreach)+clip": lambda pairs: ClippedAdamW(
         [t for ab in pairs for t in ab], lr=LR, weight_decay=0.0, foreach=True),
     "AltLoRA": paired(altlora.AltLoRA),
     "AltLoRA+": paired(altlora.AltLoRAPlus),
     # the stacked (n, r, m) path, default on CUDA; on CPU the per-pair path above is the default
     "AltLoRA[batched]": paired(altlora.AltLoRA, batched=True),
     "AltLoRA+[batched]": paired(altlora.AltLoRAPlus, batched=True),
+    # without the weight-space clipping (max_grad_norm=1 by default; torch's AdamW does not clip)
+    "AltLoRA[no clip]": paired(altlora.AltLoRA, max_grad_norm=0.0),
+    "AltLoRA+[no clip]": paired(altlora.AltLoRAPlus, max_grad_norm=0.0),
     "AltLoRA[joint]": paired(altlora.AltLoRA, mode="joint"),
     "AltLoRA+[joint]": paired(altlora.AltLoRAPlus, mode="joint"),
     "LoRA+": paired(altlora.LoRAPlus),
@@ -162,8 +177,10 @@ FULL_SIZE_STATE = {"LoRA-Pro": lambda k, d: 2 * 4 * k * d}
 #: registry methods that train with each optimizer
 METHODS_OF = {
     BASELINE: ["lora", "pissa", "rslora", "dora", "lora_ga", "adalora (+ allocator)", "full"],
+    "AdamW(foreach)+clip": ["lora etc. with max_grad_norm (clip_grad_norm_ in the loop)"],
     "AltLoRA": ["altlora"], "AltLoRA+": ["altlora_plus"], "LoRA+": ["lora_plus"],
     "AltLoRA[batched]": ["altlora (batched=True)"], "AltLoRA+[batched]": ["altlora_plus (batched=True)"],
+    "AltLoRA[no clip]": ["altlora (max_grad_norm=0)"], "AltLoRA+[no clip]": ["altlora_plus (max_grad_norm=0)"],
     "AltLoRA[joint]": ["altlora (mode='joint')"], "AltLoRA+[joint]": ["altlora_plus (mode='joint')"],
     "ScaledGD": ["scaled_gd"], "ScaledAdamW": ["scaled_adamw"], "LoRA-RITE": ["lora_rite"],
     "LoRA-Pro": ["lora_pro"], "LoRA-Pro-SGD": ["lora_pro_sgd"],
