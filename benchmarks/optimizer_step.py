@@ -4,7 +4,10 @@ Every optimizer of the method registry (AltLoRA, AltLoRA+, LoRA+, ScaledGD, Scal
 LoRA-RITE, LoRA-Pro AdamW/SGD; ``lora``, ``pissa``, ``rslora``, ``dora``, ``lora_ga`` and
 ``full`` all train with AdamW) is measured in the same run, on the same LoRA parameters
 (identical shapes and initial values; each optimizer steps its own copy) with the same
-gradients, for two shapes at each rank of ``--ranks`` (default 8 and 64):
+gradients, for two shapes at each rank of ``--ranks`` (default 8 and 64). Two extra rows make
+the comparison like for like: AltLoRA/AltLoRA+ clip their full-weight step inside ``step()``
+(``max_grad_norm=1`` by default), torch's AdamW does not, so ``AdamW(foreach)+clip`` adds the
+``clip_grad_norm_`` a LoRA-AdamW loop runs and ``AltLoRA[no clip]`` drops AltLoRA's own:
 
   llama3-8b-qkvo-r<r>   128 pairs, A (r, 4096) and B (4096, r), float32
                         (32 layers x q/k/v/o, every pair 4096 -> 4096)

@@ -163,15 +163,16 @@ def altlora_factor_update(
     factorisation of K) and several times faster on CPU, where a triangular solve with
     thousands of right-hand sides runs far below matmul speed.
 
-    Returns ``(xs_new, exp_avgs_new, exp_avg_sqs_new, ok, cross)``; pairs with ``ok == False``
-    (non-finite gradient or update, or a Gram that is not positive definite) come back
-    unchanged (their input tensors), and so does their ``cross`` (``X starts^T``).
+    Returns ``(xs_new, exp_avgs_new, exp_avg_sqs_new, ok, cross_new)``, ``cross_new`` the basis
+    change ``X_new starts^T`` (None without ``starts``); pairs with ``ok == False`` (non-finite
+    gradient or update, or a Gram that is not positive definite) come back unchanged (their
+    input tensors, and ``X starts^T``).
     """
     carry, scale, info = _operators(gram, cross, ridge=ridge, beta1=beta1, factor=clip_coef * inv_s2)
     if exp_avg_sqs is None:  # Algorithm 1 weighs the scaled gradient by (1 - b1) in the operator
         scale = (1 - beta1) * scale
     carry, scale = _per_pair(carry, xs), _per_pair(scale, xs)
-    x_new, m_new, v_new, norms, crosses = [], [], None if exp_avg_sqs is None else [], [], []
+    x_new, m_new, v_new, norms, crosses_new = [], [], None if exp_avg_sqs is None else [], [], []
     for part in _chunks(xs):
         x, m, v, checked = _moments_and_step(
             xs[part], grads[part], exp_avgs[part], None if exp_avg_sqs is None else exp_avg_sqs[part],
@@ -183,8 +184,8 @@ def altlora_factor_update(
             v_new += v
         norms.append(_pair_norms(checked, len(x) if x[0].dim() == 2 else x[0].shape[0]))
         if starts is not None:
-            crosses.append(pair_products(x, starts[part]))
-    cross = torch.cat(crosses) if starts is not None else None
+            crosses_new.append(pair_products(x, starts[part]))
+    cross_new = torch.cat(crosses_new) if starts is not None else None
     # A non-finite gradient always reaches X_new (K^-1 has a positive diagonal). The 2-norm also
     # flags entries whose square overflows: such a factor would break the next step's Gram.
     ok = (info == 0) & torch.cat(norms, dim=1).isfinite().all(0)
@@ -193,9 +194,9 @@ def altlora_factor_update(
     if not bool(ok.all()):  # pairs that are not ok keep their input tensors
         x_new, m_new = _keep_failed(ok, x_new, xs), _keep_failed(ok, m_new, exp_avgs)
         v_new = None if v_new is None else _keep_failed(ok, v_new, exp_avg_sqs)
-        if cross is not None:
-            cross = torch.where(ok.view(-1, 1, 1), cross, pair_products(xs, starts))
-    return x_new, m_new, v_new, ok, cross
+        if cross_new is not None:
+            cross_new = torch.where(ok.view(-1, 1, 1), cross_new, pair_products(xs, starts))
+    return x_new, m_new, v_new, ok, cross_new
 
 
 def _moments_and_step(xs: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
@@ -487,14 +488,14 @@ class AltLoRABase(PairedOptimizer):
             else:
                 starts = [r_first(as_local(x), factor) for x in saved]
                 starts = [torch.stack(starts)] if h.batched else starts
-        X_new, M_new, V_new, ok, cross = altlora_factor_update(
+        X_new, M_new, V_new, ok, cross_new = altlora_factor_update(
             X, h.G, h.M, h.V, h.gram, basis, inv_s2=h.inv_s2, lr=group["lr"], beta1=beta1, beta2=beta2,
             eps=eps, weight_decay=group["weight_decay"], ridge=h.ridge, bc1=bc1, bc2=bc2,
             clip_coef=1.0 if clip.coef is None else clip.coef.to(h.gram.dtype),
             sync_ok=lambda flags: all_reduce_and(flags, h.x_lay), starts=starts,
         )
         self._raise_if_nonfinite(group, h.bucket.index, ok, f"factor {factor}")
-        cross_out = None if cross is None else all_reduce_sum(cross, h.x_lay)
+        cross_out = None if cross_new is None else all_reduce_sum(cross_new, h.x_lay)
         snapshots = None
         if phase_first and not phase_last:  # copied into phase_start by _apply, before the factor is written
             snapshots = list(X[0].unbind(0)) if h.batched else X
