@@ -148,17 +148,18 @@ def test_altlora_plus_is_not_invariant():
 
 
 @pytest.mark.parametrize("plus", [False, True], ids=["altlora", "altlora_plus"])
-@pytest.mark.parametrize("first,switch_every,mode,clip", [
-    ("A", 1, "alternating", None), ("B", 1, "alternating", None), ("B", 3, "alternating", None),
-    ("A", 1, "joint", None), ("B", 1, "alternating", 0.02), ("A", 1, "joint", 0.02),
+@pytest.mark.parametrize("first,switch_every,mode,clip,relative_ridge", [
+    ("A", 1, "alternating", None, 0.0), ("B", 1, "alternating", None, 0.0), ("B", 3, "alternating", None, 0.0),
+    ("A", 1, "joint", None, 0.0), ("B", 1, "alternating", 0.02, 0.0), ("A", 1, "joint", 0.02, 0.0),
+    ("B", 1, "alternating", 0.02, 1.0), ("B", 3, "alternating", None, 1.0),
 ])
-def test_every_step_matches_the_paper_shaped_reference(plus, first, switch_every, mode, clip):
-    """The fast path against ``altlora_reference`` (Algorithms 1-2 as printed, plus clipping),
-    compared after every step. Float64 on a problem whose Grams stay well conditioned (cond <
-    1e3): 20 steps agree to 1e-10 relative."""
+def test_every_step_matches_the_paper_shaped_reference(plus, first, switch_every, mode, clip, relative_ridge):
+    """The fast path against ``altlora_reference`` (Algorithms 1-2 as printed, plus clipping
+    and the relative ridge), compared after every step. Float64 on a problem whose Grams stay
+    well conditioned (cond < 1e3): 20 steps agree to 1e-10 relative."""
     prob, s, steps = Problem(), 2.0, 20
     kw = dict(first=first, switch_every=switch_every, mode=mode, weight_decay=0.01, ridge=1e-6,
-              lr=1e-2 if plus else ETA, max_grad_norm=clip)
+              relative_ridge=relative_ridge, lr=1e-2 if plus else ETA, max_grad_norm=clip)
     opt_kw = dict(betas=(0.9, 0.999), eps=1e-8) if plus else dict(beta1=0.9)
     A, B, opt = make(AltLoRAPlus if plus else AltLoRA, prob, s, **kw, **opt_kw)
     iterates = altlora_reference(prob.A0, prob.B0, s, lambda a, b: prob.full_grad(a, b, s), steps, plus=plus, **kw)

@@ -536,6 +536,10 @@ class AltLoRA(AltLoRABase):
         beta1: momentum coefficient (paper default 0.9).
         weight_decay: gamma of Algorithm 1, applied to the LoRA factors.
         ridge: lambda added to the r x r Grams (Corollaries 1-2; paper 1e-6).
+        relative_ridge: rho, adding ``rho * trace(Y Y^T) / r`` (the Gram's mean eigenvalue) to
+            lambda, per pair and step. It damps the scaled gradient and, more, the re-projected
+            momentum in the directions where the other factor is weak (BENCHMARKS.md, section
+            7.2). Not transformation-invariant when > 0.
         switch_every: optimizer steps per phase (1 = the paper's strict alternation).
         first: ``"A"`` (Algorithm 1) or ``"B"`` (the paper's better ablation under PEFT init).
         mode: ``"alternating"`` or ``"joint"`` (both factors every step from the same

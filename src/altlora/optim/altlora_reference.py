@@ -16,7 +16,8 @@ the current point; the other factor's value at this factor's previous update (``
 
 ``max_grad_norm`` adds this library's clipping: every g~ of a step is scaled by
 ``min(1, c / N)``, N the Frobenius norm of the full-weight steps ``s B g~_A`` and ``s g~_B A``
-(computed here from the k x d products themselves).
+(computed here from the k x d products themselves). ``relative_ridge`` rho makes lam
+``ridge + rho * trace(Gram) / r`` for each Gram.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def altlora_reference(
     eps: float = 1e-8,
     weight_decay: float = 0.0,
     ridge: float = 1e-6,
+    relative_ridge: float = 0.0,
     max_grad_norm: float | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The iterates ``(A_t, B_t)``, t = 1 .. steps, of Algorithm 1 (``plus=False``) or 2.
@@ -59,13 +61,17 @@ def altlora_reference(
     V_A, V_B = torch.zeros_like(A), torch.zeros_like(B)
     B_prev, A_prev = torch.zeros_like(B), torch.zeros_like(A)  # the other factor at this one's last update
     second = {"A": "B", "B": "A"}[first]
+
+    def regularised(gram: torch.Tensor) -> torch.Tensor:
+        return gram + (ridge + relative_ridge * gram.trace() / r) * I
+
     iterates = []
     for t in range(steps):
         active = "AB" if mode == "joint" else (first if (t // switch_every) % 2 == 0 else second)
         G = grad_W(A, B).double()
         grad_A, grad_B = s * B.T @ G, s * G @ A.T
-        g_A = torch.linalg.solve(B.T @ B + ridge * I, grad_A) / s**2 if "A" in active else None
-        g_B = torch.linalg.solve(A @ A.T + ridge * I, grad_B.T).T / s**2 if "B" in active else None
+        g_A = torch.linalg.solve(regularised(B.T @ B), grad_A) / s**2 if "A" in active else None
+        g_B = torch.linalg.solve(regularised(A @ A.T), grad_B.T).T / s**2 if "B" in active else None
         if max_grad_norm:
             lifted = [(s * B @ g_A).norm() if g_A is not None else 0.0, (s * g_B @ A).norm() if g_B is not None else 0.0]
             coef = min(1.0, max_grad_norm / (sum(float(x) ** 2 for x in lifted) ** 0.5 + 1e-6))
@@ -73,14 +79,14 @@ def altlora_reference(
             g_B = None if g_B is None else coef * g_B
         new_A, new_B = A, B
         if g_A is not None:
-            M_tilde = torch.linalg.solve(B.T @ B + ridge * I, B.T @ B_prev @ M_A)
+            M_tilde = torch.linalg.solve(regularised(B.T @ B), B.T @ B_prev @ M_A)
             M_A = beta1 * M_tilde + (1 - beta1) * g_A
             V_A = beta2 * V_A + (1 - beta2) * g_A * g_A
             direction = M_A / (V_A.sqrt() + eps) if plus else M_A
             new_A = A - lr * (direction + weight_decay * A)
             B_prev = B
         if g_B is not None:
-            M_tilde = torch.linalg.solve(A @ A.T + ridge * I, (M_B @ A_prev @ A.T).T).T
+            M_tilde = torch.linalg.solve(regularised(A @ A.T), (M_B @ A_prev @ A.T).T).T
             M_B = beta1 * M_tilde + (1 - beta1) * g_B
             V_B = beta2 * V_B + (1 - beta2) * g_B * g_B
             direction = M_B / (V_B.sqrt() + eps) if plus else M_B
