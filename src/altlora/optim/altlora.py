@@ -37,18 +37,14 @@ _BATCH_BELOW = 16384
 _CHUNK_NUMEL = 131072
 _CONVENTIONS = {
     # this library's defaults: the paper's algorithms, started on the factor whose gradient is
-    # not zero and clipped in weight space at 1 (measured in BENCHMARKS.md, section 7); AltLoRA+
-    # also takes a ridge relative to the Gram (AltLoRAPlus._convention_overrides)
-    "default": dict(divide_by_scaling_sq=True, bias_correction="none", first="auto", max_grad_norm=1.0,
-                    relative_ridge=0.0),
+    # not zero and clipped in weight space at 1 (measured in BENCHMARKS.md, section 7)
+    "default": dict(divide_by_scaling_sq=True, bias_correction="none", first="auto", max_grad_norm=1.0),
     # paper: Algorithms 1-2 as printed (1/s^2 scaled gradients, no bias correction, A first,
-    # no clipping, an absolute ridge)
-    "paper": dict(divide_by_scaling_sq=True, bias_correction="none", first="A", max_grad_norm=None,
-                  relative_ridge=0.0),
+    # no clipping)
+    "paper": dict(divide_by_scaling_sq=True, bias_correction="none", first="A", max_grad_norm=None),
     # released code (LucasXinYu/AltLoRA @ 94b2198): no 1/s^2, first-moment bias correction.
     # Use it to transfer the paper's published learning rates.
-    "released_code": dict(divide_by_scaling_sq=False, bias_correction="first", first="A", max_grad_norm=None,
-                          relative_ridge=0.0),
+    "released_code": dict(divide_by_scaling_sq=False, bias_correction="first", first="A", max_grad_norm=None),
 }
 
 
@@ -297,23 +293,19 @@ class AltLoRABase(PairedOptimizer):
     _second_moment = False
     clips_in_own_geometry = True  # max_grad_norm: see lifted_sq_norms
 
-    #: this class's changes to a convention's values: {convention: {option: value}}
-    _convention_overrides: dict[str, dict[str, Any]] = {}
-
-    @classmethod
-    def convention_defaults(cls, convention: str) -> dict[str, Any]:
+    @staticmethod
+    def convention_defaults(convention: str) -> dict[str, Any]:
         """The values a convention gives the options left at None."""
-        return {**_CONVENTIONS[convention], **cls._convention_overrides.get(convention, {})}
+        return dict(_CONVENTIONS[convention])
 
     def __init__(self, params: Any, lora_options: dict, *, switch_every: int, first: str | None,
                  mode: str, convention: str, divide_by_scaling_sq: bool | None,
                  bias_correction: str | bool | None, weight_decay: float, ridge: float,
-                 relative_ridge: float | None, max_grad_norm: float | None, batched: bool | None,
+                 relative_ridge: float, max_grad_norm: float | None, batched: bool | None,
                  **kwargs: Any) -> None:
         if convention not in _CONVENTIONS:
             raise ValueError(f"convention must be one of {sorted(_CONVENTIONS)}, got {convention!r}")
-        preset = self.convention_defaults(convention)  # fills every option left at None
-        relative_ridge = preset["relative_ridge"] if relative_ridge is None else relative_ridge
+        preset = _CONVENTIONS[convention]  # fills every option left at None
         first = preset["first"] if first is None else first
         max_grad_norm = preset["max_grad_norm"] if max_grad_norm is None else max_grad_norm
         divide_by_scaling_sq = preset["divide_by_scaling_sq"] if divide_by_scaling_sq is None else divide_by_scaling_sq
@@ -546,9 +538,9 @@ class AltLoRA(AltLoRABase):
         ridge: lambda added to the r x r Grams (Corollaries 1-2; paper 1e-6).
         relative_ridge: rho, adding ``rho * trace(Y Y^T) / r`` (the Gram's mean eigenvalue) to
             lambda, per pair and step. It damps the scaled gradient and, more, the re-projected
-            momentum in the directions where the other factor is weak (BENCHMARKS.md, section
-            7.2). None: the convention's value (0, and 1 for AltLoRA+ under ``"default"``). Not
-            transformation-invariant when > 0.
+            momentum in the directions where the other factor is weak: for AltLoRA+ at 1 it
+            helps short budgets and costs at four times the steps (BENCHMARKS.md, section 7.2).
+            Not transformation-invariant when > 0.
         switch_every: optimizer steps per phase (1 = the paper's strict alternation).
         first: ``"A"`` (Algorithm 1) or ``"B"`` (the paper's better ablation under PEFT init).
         mode: ``"alternating"`` or ``"joint"`` (both factors every step from the same
@@ -575,7 +567,7 @@ class AltLoRA(AltLoRABase):
     lr_is_adam_scale = False  # aux_lr defaults to 1e-3, not lr
 
     def __init__(self, params: Any = None, lr: float = 0.3, *, beta1: float = 0.9,
-                 weight_decay: float = 0.0, ridge: float = 1e-6, relative_ridge: float | None = None,
+                 weight_decay: float = 0.0, ridge: float = 1e-6, relative_ridge: float = 0.0,
                  max_grad_norm: float | None = None, switch_every: int = 1,
                  first: str | None = None, mode: str = "alternating", convention: str = "default",
                  divide_by_scaling_sq: bool | None = None,
@@ -600,22 +592,16 @@ class AltLoRAPlus(AltLoRABase):
     code); the second moment is the EMA of the squared scaled gradient and is not projected;
     ``eps`` is added outside the square root; no bias correction unless asked for.
     Arguments are those of :class:`AltLoRA` with ``betas=(beta1, beta2)`` and ``eps``.
-
-    Under the ``"default"`` convention the ridge is relative to the Gram (``relative_ridge=1``):
-    at lr 1e-3 it trains better on the default job and arithmetic and as well on polarity, where
-    the absolute ridge needed lr 3e-4 (BENCHMARKS.md, section 7.1). AltLoRA+ is not
-    transformation-invariant either way (Appendix D.2).
     """
 
     name = "altlora_plus"
-    _convention_overrides = {"default": dict(relative_ridge=1.0)}
     description = "AltLoRA+ (Algorithm 2): AltLoRA plus an unprojected second moment"
 
     _second_moment = True
 
     def __init__(self, params: Any = None, lr: float = 1e-3, *, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, ridge: float = 1e-6,
-                 relative_ridge: float | None = None, max_grad_norm: float | None = None,
+                 relative_ridge: float = 0.0, max_grad_norm: float | None = None,
                  switch_every: int = 1, first: str | None = None, mode: str = "alternating",
                  convention: str = "default", divide_by_scaling_sq: bool | None = None,
                  bias_correction: str | bool | None = None, batched: bool | None = None,
