@@ -42,7 +42,7 @@ CASES = {
     "altlora_plus_unbatched": ("altlora_plus", 1e-2, dict(batched=False, max_grad_norm=0.1)),
     "altlora_unbatched": ("altlora", 0.5, dict(batched=False, weight_decay=0.01)),
     "altlora_relative_ridge": ("altlora", 0.5, dict(relative_ridge=1e-2)),
-    "altlora_plus_absolute_ridge": ("altlora_plus", 1e-2, dict(relative_ridge=0.0)),
+    "altlora_plus_relative_ridge": ("altlora_plus", 1e-2, dict(relative_ridge=1.0)),
     "scaled_adamw_nobc": ("scaled_adamw", 1e-2, dict(correct_bias=False, weight_decay=0.01)),
     "lora_pro_zero_x": ("lora_pro_sgd", 0.5, dict(x_mode="zero")),
 }
