@@ -70,8 +70,9 @@ def altlora_reference(
         active = "AB" if mode == "joint" else (first if (t // switch_every) % 2 == 0 else second)
         G = grad_W(A, B).double()
         grad_A, grad_B = s * B.T @ G, s * G @ A.T
-        g_A = torch.linalg.solve(regularised(B.T @ B), grad_A) / s**2 if "A" in active else None
-        g_B = torch.linalg.solve(regularised(A @ A.T), grad_B.T).T / s**2 if "B" in active else None
+        K_A, K_B = regularised(B.T @ B), regularised(A @ A.T)  # the Grams of the A- and B-steps
+        g_A = torch.linalg.solve(K_A, grad_A) / s**2 if "A" in active else None
+        g_B = torch.linalg.solve(K_B, grad_B.T).T / s**2 if "B" in active else None
         if max_grad_norm:
             lifted = [(s * B @ g_A).norm() if g_A is not None else 0.0, (s * g_B @ A).norm() if g_B is not None else 0.0]
             coef = min(1.0, max_grad_norm / (sum(float(x) ** 2 for x in lifted) ** 0.5 + 1e-6))
@@ -79,14 +80,14 @@ def altlora_reference(
             g_B = None if g_B is None else coef * g_B
         new_A, new_B = A, B
         if g_A is not None:
-            M_tilde = torch.linalg.solve(regularised(B.T @ B), B.T @ B_prev @ M_A)
+            M_tilde = torch.linalg.solve(K_A, B.T @ B_prev @ M_A)
             M_A = beta1 * M_tilde + (1 - beta1) * g_A
             V_A = beta2 * V_A + (1 - beta2) * g_A * g_A
             direction = M_A / (V_A.sqrt() + eps) if plus else M_A
             new_A = A - lr * (direction + weight_decay * A)
             B_prev = B
         if g_B is not None:
-            M_tilde = torch.linalg.solve(regularised(A @ A.T), (M_B @ A_prev @ A.T).T).T
+            M_tilde = torch.linalg.solve(K_B, (M_B @ A_prev @ A.T).T).T
             M_B = beta1 * M_tilde + (1 - beta1) * g_B
             V_B = beta2 * V_B + (1 - beta2) * g_B * g_B
             direction = M_B / (V_B.sqrt() + eps) if plus else M_B
