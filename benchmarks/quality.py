@@ -18,7 +18,7 @@ for every method. Protocol (E.1):
      values than the others when the grid has more than one;
   2. seeds 1 .. S-1 at the chosen lr (the seed-0 grid run is the first seed); the table reports
      the test score, mean +- sample std over the S seeds;
-  3. ablations reuse the lr chosen for their method: B-first and joint updates (Table 9), rank 32
+  3. ablations reuse the lr chosen for their method: A-first, B-first and joint updates (Table 9), rank 32
      (Table 2's r rows, alpha kept at 16), and the Table 11 init pairs for LoRA/AltLoRA/AltLoRA+
      (Kaiming/zero is PEFT's default, i.e. the main row);
   4. "pretrained" scores the base model without training (classification: a fresh head per seed);
@@ -115,7 +115,9 @@ SUITES = ("main", "ablations", "init", "stack", "experts")
 #: what a task spec (built in, or from --task-file) may hold; "base": a task whose spec it extends
 SPEC_KEYS = ("base", "paper", "about", "grid_shift", "methods", "suites", "config")
 #: ablation suffix -> Config values (Table 9 rows; Table 2's rank rows)
-ABLATIONS = {"B-first": {"optim_args": {"first": "B"}}, "joint": {"optim_args": {"mode": "joint"}}, "r=32": {"r": 32}}
+ABLATIONS = {"A-first": {"optim_args": {"mode": "alternating", "first": "A"}},
+             "B-first": {"optim_args": {"mode": "alternating", "first": "B"}},
+             "joint": {"optim_args": {"mode": "joint"}}, "r=32": {"r": 32}}
 ABLATED = ("altlora", "altlora_plus")
 #: suite "experts" (Table 10): mixture-of-LoRA-experts layers, E experts, lr of the main row
 EXPERTS = (4, 8)
@@ -123,13 +125,15 @@ EXPERT_METHODS = ("lora", "lora_plus", "altlora", "altlora_plus")
 TABLE10 = {1: (66.11, 72.63, 72.33, 74.49, 76.91), 4: (67.43, 71.71, 71.27, 75.01, 77.33),
            8: (67.89, 70.34, 71.44, 75.33, 76.94)}  # E -> LoRA, AdaLoRA, LoRA+, AltLoRA, AltLoRA+ (GSM8K)
 #: suite "stack": AltLoRA's and AltLoRA+'s training-stack defaults, each changed on its own (lr of
-#: the main row): label -> (Config values, what the shipped default is)
+#: the main row): label -> (Config values, what the shipped default is, the methods it changes)
 STACK = {
-    "first=A": ({"optim_args": {"first": "A"}}, "first='auto': B first from PEFT's B = 0"),
-    "warm-up from lr 0": ({"warmup_starts_at_zero": True}, "warm-up step t at (t+1)/(W+1) of the peak"),
-    "no clipping": ({"max_grad_norm": 0.0}, "the full-weight step clipped at 1"),
-    "joint updates": ({"optim_args": {"mode": "joint"}}, "alternating: each factor every other step"),
-    "bias correction": ({"optim_args": {"bias_correction": "both"}}, "no bias correction (Algorithms 1-2)"),
+    "warm-up from lr 0": ({"warmup_starts_at_zero": True}, "warm-up step t at (t+1)/(W+1) of the peak", ABLATED),
+    "no clipping": ({"max_grad_norm": 0.0}, "the full-weight step clipped at 1", ABLATED),
+    "joint updates": ({"optim_args": {"mode": "joint"}}, "AltLoRA: alternating", ("altlora",)),
+    "alternating updates": ({"optim_args": {"mode": "alternating"}}, "AltLoRA+: joint", ("altlora_plus",)),
+    "absolute ridge": ({"optim_args": {"relative_ridge": 0.0}}, "AltLoRA+: ridge relative to the Gram",
+                       ("altlora_plus",)),
+    "bias correction": ({"optim_args": {"bias_correction": "both"}}, "no bias correction (Algorithms 1-2)", ABLATED),
 }
 INITS = ("gaussian/zero", "zero/gaussian", "kaiming/zero", "zero/kaiming", "spectral/zero", "zero/spectral")
 DEFAULT_INIT = "kaiming/zero"  # PEFT's default: the main row
@@ -141,6 +145,7 @@ PAPER = {
     "GSM8K": {"pretrained": 51.34, "full": 73.31, "lora": 66.11, "pissa": 67.78, "rslora": 68.12, "lora_plus": 72.33,
               "dora": 68.33, "lora_pro": 73.12, "lora_rite": 74.10, "altlora": 74.49, "altlora_plus": 76.91,
               "altlora/r=32": 73.24, "altlora_plus/r=32": 76.32,
+              "altlora/A-first": 74.49, "altlora_plus/A-first": 76.91,  # Algorithms 1-2's order: the main rows
               "altlora/B-first": 76.31, "altlora_plus/B-first": 76.97, "altlora/joint": 74.21, "altlora_plus/joint": 76.56},
     "SST-2": {"full": 93.97, "lora": 93.76, "rslora": 93.96, "dora": 93.65, "lora_plus": 93.92, "pissa": 93.84,
               "lora_pro": 93.92, "altlora": 93.87, "altlora_plus": 94.03},
@@ -284,7 +289,7 @@ def build_plan(args) -> list[Variant]:
                      for m in EXPERT_METHODS for e in EXPERTS]
         if "stack" in suites:
             plan += [Variant(task, f"{m}/{label}", m, "stack", settings, lr_from=m)
-                     for m in args.ablated for label, (settings, _) in STACK.items()]
+                     for label, (settings, _, changed) in STACK.items() for m in args.ablated if m in changed]
     return plan
 
 
@@ -587,7 +592,7 @@ def markdown(args, report: dict) -> str:
         if any(r["suite"] == "ablations" for r in extra):
             lines += ["", f"## {task}: update order and rank (Tables 9 and 2; paper: GSM8K, Llama-3.1-8B)", "",
                       "| Strategy | AltLoRA | paper | AltLoRA+ | paper |", "|---|---:|---:|---:|---:|"]
-            for label, suffix in (("Alternating (A first)", ""), ("Alternating (B first)", "/B-first"),
+            for label, suffix in (("Alternating (A first)", "/A-first"), ("Alternating (B first)", "/B-first"),
                                   ("Joint update", "/joint"), ("r = 32", "/r=32")):
                 cells = [f"{pm(rows.get(m + suffix))} | {num(PAPER['GSM8K'].get(m + suffix))}" for m in ABLATED]
                 lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -597,7 +602,7 @@ def markdown(args, report: dict) -> str:
                       "|---|---|---:|---:|---:|---:|",
                       "| as shipped | | " + " | ".join(f"{pm(rows.get(m))} | {num(rows.get(m, {}).get('val_loss'), '{:.3f}')}"
                                                       for m in ABLATED) + " |"]
-            for label, (_, default) in STACK.items():
+            for label, (_, default, _) in STACK.items():
                 cells = [f"{pm(rows.get(f'{m}/{label}'))} | {num(rows.get(f'{m}/{label}', {}).get('val_loss'), '{:.3f}')}"
                          for m in ABLATED]
                 lines.append(f"| {label} | {default} | " + " | ".join(cells) + " |")

@@ -29,9 +29,10 @@ OPTIONS: dict[str, dict] = {
 }
 #: row label -> (registered name, options on top of OPTIONS)
 VARIANTS: dict[str, tuple[str, dict]] = {
-    "altlora_b_first": ("altlora", dict(first="B")),
-    "altlora_joint": ("altlora", dict(mode="joint")),
-    "altlora_plus_switch3": ("altlora_plus", dict(first="B", switch_every=3)),
+    "altlora_b_first": ("altlora", dict(mode="alternating", first="B")),
+    "altlora_alternating": ("altlora", dict(mode="alternating")),  # both default to joint updates
+    "altlora_plus_alternating": ("altlora_plus", dict(mode="alternating", relative_ridge=0.0)),
+    "altlora_plus_switch3": ("altlora_plus", dict(mode="alternating", first="B", switch_every=3)),
     # clipped in weight space at every step: the norm sums r x r terms over shards and the head
     "altlora_clip": ("altlora", dict(lr=0.5, max_grad_norm=0.05)),
 }

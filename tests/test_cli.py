@@ -112,7 +112,7 @@ def test_generation_run_writes_every_artifact(gen_run):
     assert [r["step"] for r in train_rows] == [2, 4, 6]
     for key in ("loss", "lr", "phase", "tokens_per_s", "peak_memory_mb", "optim/max_cond_BtB"):
         assert key in train_rows[0]
-    assert [r["phase"] for r in train_rows] == ["A", "A", "A"]  # steps 2, 4, 6: B first from PEFT's B = 0
+    assert [r["phase"] for r in train_rows] == ["AB", "AB", "AB"]  # AltLoRA+'s default: joint updates
     assert all(math.isfinite(r["loss"]) and r["tokens_per_s"] > 0 for r in train_rows)
     assert train_rows[-1]["lr"] < train_rows[0]["lr"]  # cosine decay after warm-up
     assert [r["step"] for r in rows(out) if "val_loss" in r] == [3, 6]
@@ -351,7 +351,7 @@ def test_trainer_with_its_defaults_hands_clipping_to_the_optimizer(tiny, tmp_pat
     assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
     assert f"max_grad_norm={clip or 1:g} handed to AltLoRA" in caplog.records[0].message
     logged = [json.loads(line) for line in (tmp_path / "hf" / "optimizer_stats.jsonl").read_text().splitlines()]
-    assert [r["phase"] for r in logged] == ["B", "A", "B"] and "max_cond_BtB" in logged[0]
+    assert [r["phase"] for r in logged] == ["AB", "AB", "AB"] and "max_cond_BtB" in logged[0]  # joint: the default
     assert any(r["clip_coef"] < 1 for r in logged) == bool(clip)  # the optimizer clipped (norms here are < 1)
     assert_same_updates(loop, get_peft_model_state_dict(trainer.model))
 
@@ -379,7 +379,7 @@ def test_accelerate_loop_as_documented(tiny):
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
-    assert phases == ["B", "A", "B", "A"] and losses[-1] < losses[0]  # first="auto": B from B = 0
+    assert phases == ["AB"] * 4 and losses[-1] < losses[0]  # joint updates: the default
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -16,7 +16,7 @@ RESEARCH_CODE = {"adamw": "full", "lora_rite": "lora_rite", "altlora": "altlora"
 TARGETS = {"target_modules": ["q_proj", "v_proj"]}
 # learning rates at which 6 steps on one batch lower the loss for every method
 LR = {"scaled_gd": 5e-2, "lora_pro_sgd": 0.5, "lora_pro": 1e-3, "full": 1e-3, "altlora": 5e-2,
-      "altlora_b_first": 5e-2, "altlora_joint": 5e-2}
+      "altlora_b_first": 5e-2, "altlora_alternating": 5e-2}
 
 
 def base_model(seed=0):
@@ -47,7 +47,7 @@ def test_registry_has_every_paper_method_and_research_code_name():
         assert methods.get(name).name == name
     for alias, target in RESEARCH_CODE.items():
         assert methods.get(alias).name == target
-    for name in ("altlora_b_first", "altlora_plus_joint"):
+    for name in ("altlora_b_first", "altlora_plus_joint", "altlora_alternating"):
         assert methods.get(name).name == name
 
 
@@ -60,7 +60,10 @@ def test_list_methods_is_structured_and_complete():
     assert listed["lora_plus"]["hyperparameters"]["ratio"] == 16.0
     assert listed["scaled_gd"]["hyperparameters"]["ridge"] == 1e-6
     assert listed["altlora_b_first"]["hyperparameters"]["first"] == "B"
-    assert listed["altlora_joint"]["hyperparameters"]["mode"] == "joint"
+    assert listed["altlora"]["hyperparameters"]["mode"] == "joint"  # the default since joint trained better
+    assert listed["altlora_alternating"]["hyperparameters"]["mode"] == "alternating"
+    assert listed["altlora_plus_alternating"]["hyperparameters"]["relative_ridge"] == 0.0
+    assert "altlora_joint" in listed["altlora"]["aliases"]
     assert listed["rslora"]["adapter_options"]["use_rslora"] is True
     assert listed["adalora"]["requires"] == ["total_steps"]
     assert "adamw" in listed["full"]["aliases"]

@@ -50,7 +50,7 @@ def snapshot(model):
 def test_only_the_active_factor_and_its_state_change(cls):
     prob, s = Problem(), 2.0
     A, B = prob.params(s)
-    opt = cls(pairs=[(A, B, s)], lr=1e-2, first="B")
+    opt = cls(pairs=[(A, B, s)], lr=1e-2, first="B", mode="alternating")
     for t in range(6):
         active, inactive = (B, A) if t % 2 == 0 else (A, B)
         before = inactive.detach().clone()
@@ -70,7 +70,7 @@ def test_only_the_active_factor_and_its_state_change(cls):
     ("alternating", "B", 1, "BABABA"),
     ("alternating", "B", 2, "BBAABB"),
     ("alternating", "A", 3, "AAABBB"),
-    ("joint", "A", 1, ["AB"] * 6),
+    ("joint", None, 1, ["AB"] * 6),
 ])
 def test_schedule_of_updated_factors(mode, first, every, expected):
     prob, s = Problem(), 2.0
@@ -192,8 +192,30 @@ def test_released_code_convention_scales_by_s2_and_corrects_bias():
     assert rel(steps["released_code"], steps["paper"] * s**2 / (1 - 0.9)) < 1e-9
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(switch_every=3, first="B", weight_decay=0.1), dict(mode="joint")],
-                         ids=["default", "switch3", "joint"])
+@pytest.mark.parametrize("cls", CLASSES, ids=IDS)
+def test_conventions_fill_only_the_options_left_at_none(cls):
+    """``"paper"`` is Algorithms 1-2 as printed for both classes; ``"default"`` is this library's
+    measured defaults, joint updates, with a relative ridge for AltLoRA+ (BENCHMARKS.md 7.1);
+    an option the user passes wins over either."""
+    prob, s = Problem(), 2.0
+
+    def options(**kw):
+        A, B = prob.params(s)
+        opt = cls(pairs=[(A, B, s)], **kw)
+        group = next(g for g in opt.param_groups if g.get("lora"))
+        return dict(mode=group["mode"], relative_ridge=group["relative_ridge"], first=group["first"],
+                    max_grad_norm=opt.max_grad_norm)
+
+    assert options(convention="paper") == dict(mode="alternating", relative_ridge=0.0, first="A", max_grad_norm=None)
+    assert options() == dict(mode="joint", relative_ridge=1.0 if cls is AltLoRAPlus else 0.0,
+                             first="auto", max_grad_norm=1.0)
+    assert options(mode="alternating", relative_ridge=0.5, first="B") == dict(
+        mode="alternating", relative_ridge=0.5, first="B", max_grad_norm=1.0)
+    assert options(first="B")["mode"] == options(switch_every=2)["mode"] == "alternating"  # an order implies it
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(mode="alternating", switch_every=3, first="B", weight_decay=0.1),
+                                dict(mode="alternating")], ids=["default", "switch3", "alternating"])
 @pytest.mark.parametrize("cls", CLASSES, ids=IDS)
 def test_batched_path_equals_per_pair_path(cls, kw, monkeypatch):
     """``batched=True`` (stacked bmm, the CUDA default) and ``False`` (per-pair matmuls, the CPU
@@ -242,7 +264,7 @@ def test_nonfinite_pair_keeps_its_momentum_on_every_path(cls, path, monkeypatch)
 
 def test_stats_reports_phase_skips_and_gram_conditions():
     model = tiny_peft_llama()
-    opt = AltLoRA(model, lr=1e-2, first="B")
+    opt = AltLoRA(model, lr=1e-2, first="B", mode="alternating")
     train(model, opt, 3)
     st = opt.stats()
     assert st["phase"] == "A" and st["skipped_steps"] == 0
@@ -262,6 +284,8 @@ def test_stats_reports_phase_skips_and_gram_conditions():
     (dict(switch_every=0), "switch_every"),
     (dict(first="C"), "first"),
     (dict(mode="gauss"), "mode"),
+    (dict(mode="joint", first="B"), "mode='alternating'"),  # joint updates have no order
+    (dict(mode="joint", switch_every=2), "mode='alternating'"),
     (dict(convention="authors"), "convention"),
     (dict(ridge=-1e-6), "ridge"),
     (dict(relative_ridge=-1.0), "relative_ridge"),

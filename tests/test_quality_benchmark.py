@@ -66,7 +66,15 @@ def test_plan_counts_grids_seeds_ablations_and_inits(make_args):
     assert runner.planned(by_name["lora"]) == 2 + 3 - 1        # grid, then seeds 1 and 2
     assert runner.planned(by_name["altlora"]) == 2 + 3 - 1
     assert runner.planned(by_name["altlora/B-first"]) == 3     # reuses altlora's lr
-    assert by_name["altlora/B-first"].settings == {"optim_args": {"first": "B"}}
+    assert by_name["altlora/B-first"].settings == {"optim_args": {"mode": "alternating", "first": "B"}}
+
+
+def test_stack_suite_changes_each_method_away_from_its_own_default(make_args):
+    """AltLoRA alternates and AltLoRA+ updates jointly by default: each gets the other order."""
+    plan = quality.build_plan(make_args("--tasks", "polarity", "--suite", "stack"))
+    names = {v.name for v in plan}
+    assert {"altlora/joint updates", "altlora_plus/alternating updates", "altlora_plus/absolute ridge"} <= names
+    assert not names & {"altlora/alternating updates", "altlora_plus/joint updates", "altlora_plus/first=A"}
 
 
 def test_selection_resume_and_aggregate(make_args, monkeypatch):

@@ -104,7 +104,7 @@ class Config:
     optimizer: str = _f("altlora_plus", "optim", "method / optimizer name (see `altlora list methods`)")
     lr: float = _f(0.0, "optim", "peak learning rate (0: the method's default, see `altlora list methods`)")
     weight_decay: float = _f(0.0, "optim", "weight decay")
-    optim_args: dict = _f({}, "optim", "extra optimizer hyper-parameters, e.g. first=B,switch_every=2")
+    optim_args: dict = _f({}, "optim", "extra optimizer hyper-parameters, e.g. mode=alternating,first=B")
     max_grad_norm: float = _f(1.0, "optim", "gradient clipping (0: off); AltLoRA/AltLoRA+ clip the full-weight "
                               "step of their projected gradient instead of the raw gradients")
     clip_in_optimizer: bool = _f(True, "optim", "let optimizers that clip in their own geometry (AltLoRA, "

@@ -27,7 +27,7 @@ def create_optimizer(model: torch.nn.Module, name: str = "altlora", lr: float | 
                      **hyperparams: Any) -> torch.optim.Optimizer:
     """Build the optimizer registered as ``name`` for ``model`` (``lr`` None: its default).
 
-    >>> opt = create_optimizer(peft_model, "altlora_plus", lr=1e-3, first="B")
+    >>> opt = create_optimizer(peft_model, "altlora_plus", lr=1e-3, mode="alternating")
     """
     if name not in OPTIMIZERS:
         valid = ", ".join(sorted(OPTIMIZERS))

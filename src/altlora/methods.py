@@ -270,20 +270,24 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     _m("dora", "DoRA: magnitude/direction decomposition, AdamW", "lora", lora_fixed=dict(use_dora=True)),
     _m("lora_ga", "LoRA-GA: A, B from the SVD of estimated full gradients (rsLoRA), AdamW", "lora",
        adapter="lora_ga", lora_defaults=dict(use_rslora=True), accepts_init=False, requires=("init_batches",)),
-    # ablations (Table 9: update order and joint updates; ranks via lora_options={"r": ...})
+    # ablations (Table 9: update order and joint updates; ranks via lora_options={"r": ...}).
+    # Both methods update jointly by default, AltLoRA+ with a ridge relative to the Gram.
+    _m("altlora_alternating", "AltLoRA ablation: alternate, A first from a non-zero B (Algorithm 1's order)",
+       "altlora", optimizer_defaults=dict(mode="alternating")),
     _m("altlora_b_first", "AltLoRA ablation: alternate starting with B", "altlora",
-       optimizer_defaults=dict(first="B")),
+       optimizer_defaults=dict(mode="alternating", first="B")),
+    _m("altlora_plus_alternating", "AltLoRA+ ablation: alternate (Algorithm 2's order), absolute ridge",
+       "altlora_plus", optimizer_defaults=dict(mode="alternating", relative_ridge=0.0)),
     _m("altlora_plus_b_first", "AltLoRA+ ablation: alternate starting with B", "altlora_plus",
-       optimizer_defaults=dict(first="B")),
-    _m("altlora_joint", "AltLoRA ablation: both factors every step (Jacobi)", "altlora",
-       optimizer_defaults=dict(mode="joint")),
-    _m("altlora_plus_joint", "AltLoRA+ ablation: both factors every step (Jacobi)", "altlora_plus",
-       optimizer_defaults=dict(mode="joint")),
+       optimizer_defaults=dict(mode="alternating", first="B")),
+    _m("altlora_plus_joint", "AltLoRA+ ablation: joint updates with the absolute ridge", "altlora_plus",
+       optimizer_defaults=dict(relative_ridge=0.0)),
 ]}
 
 #: Research-code names (LucasXinYu/AltLoRA ``--optim``) and other spellings -> registry names.
 ALIASES: dict[str, str] = {"adamw": "full", "loraplus": "lora_plus", "lorapro": "lora_pro",
-                           "lora_pro_adamw": "lora_pro", "loraga": "lora_ga"}
+                           "lora_pro_adamw": "lora_pro", "loraga": "lora_ga",
+                           "altlora_joint": "altlora"}  # joint updates became AltLoRA's default
 
 
 def names(include_aliases: bool = False) -> list[str]:
