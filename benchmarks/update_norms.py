@@ -33,8 +33,8 @@ _spec = importlib.util.spec_from_file_location("quality_benchmark", HERE / "qual
 quality = sys.modules["quality_benchmark"] = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(quality)
 
-#: method -> lr (the quality benchmark's choices at these budgets)
-METHODS = {"lora": 1e-3, "altlora": 1.0, "altlora_plus": 1e-3}
+#: method -> lr (the defaults, which the quality benchmark's grids choose at these budgets, BENCHMARKS.md §7)
+METHODS = {"lora": 1e-3, "altlora": 0.3, "altlora_plus": 1e-3}
 
 
 def layer_distances(trainable: dict[str, torch.Tensor], scaling: float) -> dict[str, float]:
