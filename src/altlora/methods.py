@@ -272,7 +272,7 @@ METHODS: dict[str, Method] = {m.name: m for m in [
        adapter="lora_ga", lora_defaults=dict(use_rslora=True), accepts_init=False, requires=("init_batches",)),
     # ablations (Table 9: update order and joint updates; ranks via lora_options={"r": ...}).
     # Both methods update jointly by default, AltLoRA+ with a ridge relative to the Gram.
-    _m("altlora_alternating", "AltLoRA ablation: alternate, A first from a non-zero B (Algorithm 1's order)",
+    _m("altlora_alternating", "AltLoRA ablation: alternate (Algorithm 1's order; B first when B = 0)",
        "altlora", optimizer_defaults=dict(mode="alternating")),
     _m("altlora_b_first", "AltLoRA ablation: alternate starting with B", "altlora",
        optimizer_defaults=dict(mode="alternating", first="B")),
