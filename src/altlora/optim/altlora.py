@@ -314,11 +314,14 @@ class AltLoRABase(PairedOptimizer):
         if convention not in _CONVENTIONS:
             raise ValueError(f"convention must be one of {sorted(_CONVENTIONS)}, got {convention!r}")
         preset = self.convention_defaults(convention)  # fills every option left at None
-        orders = first in ("A", "B") or switch_every != 1  # the caller chose an order of alternation
+        # options given that only an alternation uses: they imply mode="alternating"
+        orders = [f"first={first!r}"] if first in ("A", "B") else []
+        if switch_every != 1:
+            orders.append(f"switch_every={switch_every!r}")
         mode = ("alternating" if orders else preset["mode"]) if mode is None else mode
         if mode == "joint" and orders:
-            raise ValueError(f"first={first!r} and switch_every={switch_every!r} order alternating updates, but "
-                             "mode='joint' updates both factors every step: pass mode='alternating', or drop them")
+            raise ValueError(f"{' and '.join(orders)} set an order of alternating updates, but mode='joint' "
+                             "updates both factors every step: pass mode='alternating', or drop them")
         relative_ridge = preset["relative_ridge"] if relative_ridge is None else relative_ridge
         first = preset["first"] if first is None else first
         max_grad_norm = preset["max_grad_norm"] if max_grad_norm is None else max_grad_norm
@@ -561,8 +564,11 @@ class AltLoRA(AltLoRABase):
             momentum in the directions where the other factor is weak (BENCHMARKS.md, section
             7.2). None: the convention's value (0; 1 for AltLoRA+ under ``"default"``). Not
             transformation-invariant when > 0.
-        switch_every: optimizer steps per phase (1 = the paper's strict alternation).
-        first: ``"A"`` (Algorithm 1) or ``"B"`` (the paper's better ablation under PEFT init).
+        switch_every: optimizer steps per phase when alternating (1 = the paper's strict
+            alternation).
+        first: the factor an alternation starts with: ``"A"`` (Algorithm 1), ``"B"`` (the
+            paper's ablation) or ``"auto"`` (B when every B is zero, PEFT's init). Giving
+            ``"A"``/``"B"`` or ``switch_every`` > 1 without ``mode`` selects alternation.
         mode: ``"joint"`` (both factors every step from the same gradient: the Table 9
             ablation) or ``"alternating"`` (Algorithms 1-2). None: ``"alternating"`` if
             ``first`` ("A" or "B") or ``switch_every`` > 1 is given, else the convention's value
