@@ -47,6 +47,40 @@ def test_joint_step_clips_both_half_steps_together():
     assert rel(opt.last_grad_norm, expected) < 1e-12  # float64, as above
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("relative_ridge", [0.0, 1.0, 100.0])
+def test_lifted_norm_with_a_ridge_is_that_of_the_explicit_full_weight_steps(dtype, relative_ridge):
+    """The clipped norm is computed as ``<S, grad> - lam ||S||^2`` with ``S = K^-1 grad``; here it
+    is held to the full-weight steps ``s B g~_A`` and ``s g~_B A`` formed explicitly in float64,
+    with ridges from negligible to 100x the Grams' mean eigenvalue (where the difference cancels)."""
+    prob, s = Problem(), 2.0
+    A64, B64 = pair(prob, s)
+    prob.backward(A64, B64, s)
+    A, B = (torch.nn.Parameter(t.detach().to(dtype)) for t in (A64, B64))
+    A.grad, B.grad = A64.grad.to(dtype), B64.grad.to(dtype)
+    a, b, ga, gb = (t.detach().to(DT, copy=True) for t in (A, B, A.grad, B.grad))  # what it will see
+    opt = AltLoRA(pairs=[(A, B, s)], lr=ETA, ridge=1e-6, relative_ridge=relative_ridge, max_grad_norm=1e9)
+    opt.step()
+
+    r, eye = a.shape[0], torch.eye(a.shape[0], dtype=DT)
+    gram_b, gram_a = b.T @ b, a @ a.T
+    lam_a = 1e-6 + relative_ridge * gram_b.trace() / r  # the ridge of A's solve comes from B's Gram
+    lam_b = 1e-6 + relative_ridge * gram_a.trace() / r
+    step_a = s * b @ torch.linalg.solve(gram_b + lam_a * eye, ga) / s**2
+    step_b = s * torch.linalg.solve(gram_a + lam_b * eye, gb.T).T / s**2 @ a
+    expected = (step_a.norm() ** 2 + step_b.norm() ** 2).sqrt()
+    # Round-off: K^-1 is accurate to cond(K) u; each dot product to m u of its own size, and the
+    # difference to (1 + 2 lam / mu_min) times that relative to the result (mu_min: smallest
+    # Gram eigenvalue, ~0.1-0.6 here); generous factor 10 for the other roundings.
+    u = torch.finfo(dtype).eps
+    worst = 0.0
+    for gram, lam in ((gram_b, lam_a), (gram_a, lam_b)):
+        ev = torch.linalg.eigvalsh(gram)
+        cond = ((ev[-1] + lam) / (ev[0] + lam)).item()
+        worst = max(worst, (cond + max(prob.k, prob.d)) * (1 + 2 * lam.item() / ev[0].item()))
+    assert rel(opt.last_grad_norm, expected) < 10 * u * worst
+
+
 @pytest.mark.parametrize("first", ["A", "B"])
 @pytest.mark.parametrize("fraction", [0.3, 2.0], ids=["clipped", "not-clipped"])
 def test_clipped_step_is_the_unclipped_step_times_min_1_c_over_norm(first, fraction):

@@ -262,6 +262,36 @@ def test_nonfinite_pair_keeps_its_momentum_on_every_path(cls, path, monkeypatch)
     assert rel(opt.state[A2]["basis_cross"], a2 @ a2.T) < 1e-13
 
 
+@pytest.mark.parametrize("cls", CLASSES, ids=IDS)
+def test_moments_are_laid_out_like_their_factor(cls):
+    """B's moments are (k, r) tensors in B's own memory layout, as A's are in A's: elementwise work
+    on a factor, its gradient and its moments then reads memory in order (the per-pair path)."""
+    prob, s = Problem(), 2.0
+    A, B = prob.params(s)
+    opt = cls(pairs=[(A, B, s)], lr=1e-2, batched=False)
+    for _ in range(2):
+        prob.backward(A, B, s)
+        opt.step()
+    for p in (A, B):
+        for key in ("exp_avg", "exp_avg_sq") if cls is AltLoRAPlus else ("exp_avg",):
+            m = opt.state[p][key]
+            assert m.shape == p.shape and m.stride() == p.stride(), (key, m.stride(), p.stride())
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=IDS)
+def test_a_gram_that_is_not_positive_definite_skips_that_factor(cls):
+    """With no ridge and PEFT's B = 0, A's system ``B^T B`` is singular: A is left as it was (and
+    counted as skipped), while B's half-step, whose ``A A^T`` is positive definite, goes ahead."""
+    prob, s = Problem(b_zero=True), 2.0
+    A, B = prob.params(s)
+    opt = cls(pairs=[(A, B, s)], lr=1e-2, ridge=0.0, relative_ridge=0.0)
+    prob.backward(A, B, s)
+    opt.step()
+    assert torch.equal(A.detach(), prob.A0)
+    assert B.detach().abs().max() > 0 and torch.isfinite(B).all()
+    assert opt.stats()["skipped_steps"] == 1
+
+
 def test_stats_reports_phase_skips_and_gram_conditions():
     model = tiny_peft_llama()
     opt = AltLoRA(model, lr=1e-2, first="B", mode="alternating")

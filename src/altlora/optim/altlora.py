@@ -57,20 +57,26 @@ def _as(t: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dt else t.to(dt)
 
 
-def _mm(a: torch.Tensor, b: torch.Tensor, add: torch.Tensor | None = None, beta: float = 1.0,
-        inplace: bool = False) -> torch.Tensor:
-    """``beta * add + a @ b`` for matrices, or batches of them (the ``batched`` path); with
-    ``inplace`` into ``add`` (a temporary), which saves a copy of it.
-
-    Used as ``(r, r) @ (r, m)``, the result is rank-first and contiguous whatever ``b``'s layout
-    (B's rank-first view is a transpose): on CPU, BLAS computes that product several times
-    faster into an (r, m) than into an (m, r) result, so moments are kept rank-first too.
-    """
+def _mm(a: torch.Tensor, b: torch.Tensor, add: torch.Tensor | None = None, beta: float = 1.0) -> torch.Tensor:
+    """``a @ b`` for matrices, or batches of them (the ``batched`` path), contiguous; with
+    ``add``, ``beta * add + a @ b`` written into ``add`` (a temporary, whatever its layout)."""
     if add is None:
         return torch.mm(a, b) if a.dim() == 2 else torch.bmm(a, b)
-    if inplace:
-        return add.addmm_(a, b, beta=beta) if a.dim() == 2 else add.baddbmm_(a, b, beta=beta)
-    return torch.addmm(add, a, b, beta=beta) if a.dim() == 2 else torch.baddbmm(add, a, b, beta=beta)
+    return add.addmm_(a, b, beta=beta) if a.dim() == 2 else add.baddbmm_(a, b, beta=beta)
+
+
+def _in_factor_layout(x: torch.Tensor) -> bool:
+    """Is the rank-first view ``x`` a transpose (``B^T``)? Then the results computed for it
+    (scaled gradients, moments, the new factor) are laid out like B too, so that elementwise work
+    on B, its gradient and its moments reads memory in order. Transposed reads made that work up
+    to 5x slower; BLAS writes small-r products rank-first faster, which about evens out at r = 8
+    and loses from r = 16 on (``benchmarks/optimizer_step.py``)."""
+    return x.dim() == 2 and x.stride(0) == 1 and x.stride(1) != 1
+
+
+def _left_mm(op: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``op @ t`` for r x r ``op`` and rank-first ``t``, laid out as results for ``like`` are."""
+    return torch.mm(t.mT, op.mT).mT if _in_factor_layout(like) else _mm(op, t)
 
 
 def pair_products(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> torch.Tensor:
@@ -100,24 +106,64 @@ def _chunks(xs: list[torch.Tensor]) -> list[slice]:
     return parts + ([slice(start, len(xs))] if start < len(xs) else [])
 
 
-def lifted_sq_norms(grad_grams: torch.Tensor, gram: torch.Tensor, *, inv_s2: torch.Tensor | float,
-                    scaling: torch.Tensor, ridge: torch.Tensor | float) -> torch.Tensor:
-    """``||s Y^T g~||_F^2`` per pair: the squared norm of the full-weight step that the scaled
-    gradient ``g~ = (1/s^2) K^-1 grad`` makes (``s B g~_A`` or ``s g~_B A``). At ridge 0 this is
-    the projected full gradient of Theorem 1, ``Proj_c(B) G`` or ``G Proj_r(A)``, so it does not
-    change under ``(A, B) -> (R A, B R^-1)``. From r x r matrices only:
-    ``s^2 <g~ g~^T, Y Y^T> = s^2 inv_s2^2 <K^-1 (G G^T) K^-1, Y Y^T>``.
+def ridge_inverse(gram: torch.Tensor, ridge: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``K^-1`` for ``K = Y Y^T + lam I`` (n, r, r), and ``info``, non-zero where K is not
+    positive definite: one batched Cholesky factorisation, inverted by LAPACK's ``potri``
+    (several times faster than ``cholesky_solve`` with r right-hand sides at r >= 64). Every
+    operator of a half-step is a product with it (:func:`lifted_sq_norms`,
+    :func:`altlora_factor_update`), applied to the (r, m) tensors by matmul: as accurate as
+    solving with the m right-hand sides directly (both are limited by the factorisation of K)
+    and far faster on CPU, where a triangular solve with thousands of right-hand sides runs far
+    below matmul speed."""
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    L, info = torch.linalg.cholesky_ex(gram + ridge * eye)
+    # a pair whose K is not positive definite is skipped; invert I there (potri would raise)
+    return torch.cholesky_inverse(torch.where((info == 0).view(-1, 1, 1), L, eye)), info
+
+
+def lifted_sq_norms(grads: list[torch.Tensor], kinv: torch.Tensor, like: list[torch.Tensor], *,
+                    inv_s2: torch.Tensor | float, scaling: torch.Tensor,
+                    ridge: torch.Tensor | float) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``||s Y^T g~||_F^2`` per pair (n,): the squared norm of the full-weight step that the
+    scaled gradient ``g~ = inv_s2 S`` makes (``s B g~_A`` or ``s g~_B A``), and ``S = K^-1 grad``
+    per pair (laid out as results for ``like`` are), which the update reuses. At ridge 0 the
+    step is the projected full gradient of Theorem 1, ``Proj_c(B) G`` or ``G Proj_r(A)``, so its
+    norm does not change under ``(A, B) -> (R A, B R^-1)``.
+
+    From ``K S = grad`` with ``K = Y Y^T + lam I``:
+    ``||Y^T S||^2 = <S, Y Y^T S> = <S, grad> - lam ||S||^2``: two dot products, taken on each
+    ``S`` while it is in cache, instead of a product of the (r, m) tensors. The difference loses
+    relative accuracy only in directions where the ridge dominates the Gram (``lam`` >> its
+    eigenvalue), whose share of the norm is small by the same factor; a result rounded below 0
+    is clamped.
 
     Args:
-        grad_grams: ``grad grad^T`` per pair (n, r, r), summed over column shards.
-        gram: ``Y Y^T`` (n, r, r) without the ridge; ``scaling``: s per pair (n,).
+        grads: the gradients, rank-first (r, m) per pair, or one stacked (n, r, m).
+        kinv: ``K^-1`` (n, r, r) (:func:`ridge_inverse`); ``like``: the factors.
+        scaling: s per pair (n,); ridge: lambda, a number or one per pair (n, 1, 1).
+    Sums over the local columns: all-reduce the result over column shards.
     """
-    r = gram.shape[-1]
-    L, _ = torch.linalg.cholesky_ex(gram + ridge * torch.eye(r, dtype=gram.dtype, device=gram.device))
-    left = torch.cholesky_solve(grad_grams, L)                      # K^-1 G G^T
-    outer = torch.cholesky_solve(left.mT, L)                        # K^-1 G G^T K^-1 (symmetric)
+    scaled, dots = [], []
+    for k, g, x in zip(_per_pair(kinv, grads), grads, like):
+        S = _left_mm(k, g, x)
+        scaled.append(S)
+        dots.append(torch.stack([_dot(S, g), _dot(S, S)], -1).view(-1, 2))
+    dots = torch.cat(dots)
+    lam = ridge.view(-1) if torch.is_tensor(ridge) else ridge
     inv = inv_s2.view(-1) if torch.is_tensor(inv_s2) else inv_s2
-    return (scaling * inv) ** 2 * (outer * gram).sum((-2, -1))
+    return ((scaling * inv) ** 2 * (dots[:, 0] - lam * dots[:, 1])).clamp_min(0.0), scaled
+
+
+def _dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Sum of ``x * y`` over each matrix: a number, or (n,) for stacked (n, r, m) tensors."""
+    if x.dim() == 3:
+        return torch.linalg.vecdot(x.flatten(1), y.flatten(1))
+    if x.stride() == y.stride():  # same layout: one pass in memory order
+        if not x.is_contiguous() and x.mT.is_contiguous():
+            x, y = x.mT, y.mT
+        if x.is_contiguous():
+            return torch.dot(x.view(-1), y.view(-1))
+    return (x * y).sum()
 
 
 def altlora_factor_update(
@@ -140,6 +186,8 @@ def altlora_factor_update(
     clip_coef: torch.Tensor | float = 1.0,
     sync_ok: Callable[[torch.Tensor], torch.Tensor] | None = None,
     starts: list[torch.Tensor] | None = None,
+    inverse: tuple[torch.Tensor, torch.Tensor] | None = None,
+    scaled: list[torch.Tensor] | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor] | None, torch.Tensor, torch.Tensor | None]:
     """One AltLoRA / AltLoRA+ half-step on ``n`` factors (pure function, like ``torch.optim``'s
     functional ``adamw``: lists in, new lists out).
@@ -160,29 +208,35 @@ def altlora_factor_update(
         starts: the factors as they were at this phase's start (same layout as ``xs``), or None:
             when given, the basis change ``X_new starts^T`` (this shard's part, (n, r, r)) is
             computed chunk by chunk, while ``X_new`` is still in cache.
+        inverse: ``(K^-1, info)`` of :func:`ridge_inverse` for ``gram`` and ``ridge``, if
+            already computed.
+        scaled: ``K^-1 grads`` (:func:`lifted_sq_norms`), if already computed (clipping needs
+            them first); they are overwritten.
 
-    The ridge-regularised Gram ``K = Y Y^T + lam I`` is factorised once (batched Cholesky);
-    the r x r operators ``K^-1 (Y Y_prev^T)`` and ``K^-1`` come from ``cholesky_solve`` with
-    r x r right-hand sides and are applied to the (r, m) tensors by matmul. That is as
-    accurate as solving with the m right-hand sides directly (both are limited by the
-    factorisation of K) and several times faster on CPU, where a triangular solve with
-    thousands of right-hand sides runs far below matmul speed.
+    The r x r operators ``beta1 K^-1 (Y Y_prev^T)`` (the momentum's basis change, Theorem 2 /
+    Corollary 2) and ``K^-1`` (Theorem 1 / Corollary 1), ``K = Y Y^T + lam I``, are applied to
+    the (r, m) tensors by matmul (:func:`ridge_inverse`).
 
     Returns ``(xs_new, exp_avgs_new, exp_avg_sqs_new, ok, cross_new)``, ``cross_new`` the basis
     change ``X_new starts^T`` (None without ``starts``); pairs with ``ok == False`` (non-finite
     gradient or update, or a Gram that is not positive definite) come back unchanged (their
     input tensors, and ``X starts^T``).
     """
-    carry, scale, info = _operators(gram, cross, ridge=ridge, beta1=beta1, factor=clip_coef * inv_s2)
-    if exp_avg_sqs is None:  # Algorithm 1 weighs the scaled gradient by (1 - b1) in the operator
-        scale = (1 - beta1) * scale
-    carry, scale = _per_pair(carry, xs), _per_pair(scale, xs)
+    kinv, info = ridge_inverse(gram, ridge) if inverse is None else inverse
+    carry = _per_pair(beta1 * (kinv @ cross), xs)
+    # what multiplies S = K^-1 grad: clip / s^2, and (1 - b1) for Algorithm 1 (whose moment is
+    # accumulated in place on the scaled gradient)
+    factor = clip_coef * inv_s2 * (1.0 if exp_avg_sqs is not None else 1 - beta1)
+    if scaled is None:
+        scale = _per_pair(factor * kinv, xs)
+        g_scaled = [_left_mm(q, g, x) for q, g, x in zip(scale, grads, xs)]
+    else:
+        g_scaled = _scale(scaled, factor)
     x_new, m_new, v_new, norms, crosses_new = [], [], None if exp_avg_sqs is None else [], [], []
     for part in _chunks(xs):
         x, m, v, checked = _moments_and_step(
-            xs[part], grads[part], exp_avgs[part], None if exp_avg_sqs is None else exp_avg_sqs[part],
-            carry[part], scale[part], lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-            bc1=bc1, bc2=bc2)
+            xs[part], g_scaled[part], exp_avgs[part], None if exp_avg_sqs is None else exp_avg_sqs[part],
+            carry[part], lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, bc1=bc1, bc2=bc2)
         x_new += x
         m_new += m
         if v is not None:
@@ -204,44 +258,44 @@ def altlora_factor_update(
     return x_new, m_new, v_new, ok, cross_new
 
 
-def _moments_and_step(xs: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
-                      exp_avg_sqs: list[torch.Tensor] | None, carry: list[torch.Tensor], scale: list[torch.Tensor],
-                      *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, bc1: float,
+def _scale(ts: list[torch.Tensor], factor: torch.Tensor | float) -> list[torch.Tensor]:
+    """``ts`` multiplied in place by ``factor``: a number, or a tensor with one value per pair
+    (n, 1, 1) or one for all."""
+    if not torch.is_tensor(factor):
+        torch._foreach_mul_(ts, factor)
+    elif ts[0].dim() == 3:  # stacked: broadcasts
+        ts[0].mul_(factor.to(ts[0].dtype))
+    else:
+        f = factor.to(ts[0].dtype).reshape(-1)
+        torch._foreach_mul_(ts, f[0] if f.numel() == 1 else list(f.unbind(0)))
+    return ts
+
+
+def _moments_and_step(xs: list[torch.Tensor], g_scaled: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+                      exp_avg_sqs: list[torch.Tensor] | None, carry: list[torch.Tensor], *, lr: float, beta1: float,
+                      beta2: float, eps: float, weight_decay: float, bc1: float,
                       bc2: float) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor] | None,
                                            list[torch.Tensor]]:
-    """Algorithm 1 or 2 on some pairs, given their r x r operators ``carry = b1 K^-1 C`` and
-    ``scale = clip K^-1 / s^2`` (times ``1 - b1`` for Algorithm 1): new factors, moments, and the
-    tensors whose finiteness decides whether each pair's update is valid."""
+    """Algorithm 1 or 2 on some pairs, given the momentum operators ``carry = b1 K^-1 C`` and the
+    scaled gradients ``clip K^-1 grad / s^2`` (times ``1 - b1`` for Algorithm 1): new factors,
+    moments, and the tensors whose finiteness decides whether each pair's update is valid."""
     if exp_avg_sqs is None:   # Algorithm 1: M = K^-1 (b1 C M + (1-b1) g / s^2), summed in place
-        m_new = [_mm(c, m, add=_mm(q, g), inplace=True) for c, q, g, m in zip(carry, scale, grads, exp_avgs)]
+        m_new = [_mm(c, m, add=gs) for c, gs, m in zip(carry, g_scaled, exp_avgs)]
         x_new = list(torch._foreach_add(xs, m_new, alpha=-lr / bc1))
         v_new, checked = None, x_new
     else:                     # Algorithm 2: the scaled gradient also feeds the second moment
-        g_scaled = [_mm(q, g) for q, g in zip(scale, grads)]
-        m_new = [_mm(c, m, add=gs, beta=1 - beta1) for gs, c, m in zip(g_scaled, carry, exp_avgs)]
         v_new = list(torch._foreach_mul(exp_avg_sqs, beta2))
         torch._foreach_addcmul_(v_new, g_scaled, g_scaled, value=1 - beta2)
+        m_new = [_mm(c, m, add=gs, beta=1 - beta1) for gs, c, m in zip(g_scaled, carry, exp_avgs)]
         denom = torch._foreach_sqrt(v_new)
         if bc2 != 1.0:
             torch._foreach_div_(denom, math.sqrt(bc2))
         torch._foreach_add_(denom, eps)
-        x_new = list(torch._foreach_addcdiv(xs, m_new, denom, value=-lr / bc1))
-        checked = x_new + g_scaled   # V overflows exactly when the squared scaled gradient does
+        x_new = [torch.addcdiv(x, m, d, value=-lr / bc1, out=d) for x, m, d in zip(xs, m_new, denom)]
+        checked = x_new + v_new   # V is not finite exactly when the squared scaled gradient is not
     if weight_decay:                 # X <- X - lr (direction + wd X)
         torch._foreach_add_(x_new, xs, alpha=-lr * weight_decay)
     return x_new, m_new, v_new, checked
-
-
-def _operators(gram: torch.Tensor, cross: torch.Tensor, *, ridge: torch.Tensor | float, beta1: float,
-               factor: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The r x r operators of a half-step from one batched Cholesky of ``K = Y Y^T + lam I``:
-    ``beta1 K^-1 (Y Y_prev^T)`` (the momentum's basis change, Theorem 2 / Corollary 2),
-    ``factor K^-1`` (the gradient scaling of Theorem 1 / Corollary 1, ``factor`` = clip / s^2)
-    and the factorisation's ``info`` (non-zero: K not positive definite)."""
-    n, r = gram.shape[0], gram.shape[-1]
-    eye = torch.eye(r, dtype=gram.dtype, device=gram.device)
-    L, info = torch.linalg.cholesky_ex(gram + ridge * eye)
-    return beta1 * torch.cholesky_solve(cross, L), factor * torch.cholesky_solve(eye.expand(n, r, r), L), info
 
 
 def _pair_norms(ts: list[torch.Tensor], n: int) -> torch.Tensor:
@@ -277,6 +331,8 @@ class _HalfStep:
     ridge: torch.Tensor | float
     inv_s2: torch.Tensor | float
     batched: bool
+    inverse: tuple[torch.Tensor, torch.Tensor]  # (Y Y^T + lam I)^-1 and Cholesky's info
+    scaled: list[torch.Tensor] | None = None  # K^-1 G, when clipping computed them first
 
 
 @dataclass
@@ -418,10 +474,9 @@ class AltLoRABase(PairedOptimizer):
 
     def _state(self, group: dict, p: torch.Tensor, like: torch.Tensor, factor: str, layout: Layout) -> dict:
         """State of factor ``p``; ``like`` is its (local) rank-first view in the state dtype.
-        Moments have the factor's own matrix shape (B: (k, r)) but are laid out rank-first in
-        memory (B's is the transpose of a contiguous (r, k) tensor), the layout the update
-        computes in (:func:`_mm`); for a column-sharded factor they are DTensors sharded
-        like it (:func:`shard_like`). Phases of several steps also keep the factor as it was at
+        Moments have the factor's shape and memory layout (B's are (k, r) tensors, seen
+        rank-first as transposes, see :func:`_in_factor_layout`); for a column-sharded factor
+        they are DTensors sharded like it (:func:`shard_like`). Phases of several steps also keep the factor as it was at
         the phase's start (``phase_start``). The keys never change, as checkpoint tools that load
         into a template expect."""
         st = self.state[p]
@@ -429,7 +484,7 @@ class AltLoRABase(PairedOptimizer):
             dev, dt, r = like.device, like.dtype, like.shape[0]
 
             def zeros() -> torch.Tensor:
-                return shard_like(r_first(torch.zeros(like.shape, dtype=dt, device=dev), factor), p, layout)
+                return shard_like(r_first(torch.zeros_like(like), factor), p, layout)
 
             st["exp_avg"] = zeros()
             if self._second_moment:
@@ -472,13 +527,14 @@ class AltLoRABase(PairedOptimizer):
         else:
             inv_s2 = 1.0
         return _HalfStep(factor, bucket, params, x_lay, X, G, M, V, x_states, y_states, gram, ridge,
-                         inv_s2, batched)
+                         inv_s2, batched, ridge_inverse(gram, ridge))
 
     @staticmethod
     def _lifted_sq_norms(group: dict, h: _HalfStep) -> torch.Tensor:
-        grad_grams = all_reduce_sum(pair_products(h.G, h.G), h.x_lay)
+        """The clipped norms of one half-step; keeps its scaled gradients for :meth:`_compute`."""
         scaling = torch.tensor(h.bucket.scaling, dtype=h.gram.dtype, device=h.gram.device)
-        return lifted_sq_norms(grad_grams, h.gram, inv_s2=h.inv_s2, scaling=scaling, ridge=h.ridge)
+        sq, h.scaled = lifted_sq_norms(h.G, h.inverse[0], h.X, inv_s2=h.inv_s2, scaling=scaling, ridge=h.ridge)
+        return all_reduce_sum(sq, h.x_lay)
 
     def _compute(self, group: dict, h: _HalfStep, clip: Clip) -> _HalfUpdate:
         """Algorithm 1 or 2 for one half-step (:func:`altlora_factor_update`), plus the Theorem 2
@@ -510,6 +566,7 @@ class AltLoRABase(PairedOptimizer):
             eps=eps, weight_decay=group["weight_decay"], ridge=h.ridge, bc1=bc1, bc2=bc2,
             clip_coef=1.0 if clip.coef is None else clip.coef.to(h.gram.dtype),
             sync_ok=lambda flags: all_reduce_and(flags, h.x_lay), starts=starts,
+            inverse=h.inverse, scaled=h.scaled,
         )
         self._raise_if_nonfinite(group, h.bucket.index, ok, f"factor {factor}")
         cross_out = None if cross_new is None else all_reduce_sum(cross_new, h.x_lay)
