@@ -42,6 +42,8 @@ Run (from the repository root, with the venv active; take the CPU lock exclusive
   python benchmarks/efficiency.py                  # all methods, 8 rounds (~15 min at 1 thread)
   python benchmarks/efficiency.py --quick          # smoke test, < 2 minutes
   python benchmarks/efficiency.py --methods lora altlora altlora_plus --ranks 32
+  python benchmarks/efficiency.py --methods lora altlora altlora_plus --ranks 128 --experts \
+      --sweep-only --batch 8 --seq 256 --threads 2      # r = 128 at 2048 tokens per step
 
 Writes ``efficiency.json`` (every number, raw per-round times, environment), ``efficiency.md``
 and ``efficiency.png`` to ``--out-dir`` (default ``benchmarks/results/``), and prints the tables.
@@ -103,6 +105,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--experts", nargs="*", type=int, default=None,
                    help=f"mixture-of-LoRA-experts sizes for {', '.join(RANK_SWEEP)} at r = 8 (Table 10; "
                         "default: 4 8; the worker is named e.g. 'altlora+E4')")
+    p.add_argument("--sweep-only", action="store_true",
+                   help="at r = 8 measure only LoRA (every ratio's baseline), not the other methods nor the "
+                        "A/A control: one resident worker fewer per method, so that a rank sweep at many "
+                        "tokens per step fits in memory (e.g. --ranks 128 --experts --batch 8 --seq 256)")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 8; quick 3)")
     p.add_argument("--steps", type=int, default=2, help="steps per worker per round (even)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per worker first")
@@ -134,6 +140,8 @@ def configs(args: argparse.Namespace) -> list[tuple[str, int | None, bool]]:
     chosen = [BASELINE] + [m for m in args.methods if m != BASELINE]
     out = [(m, None if methods.get(m).adapter == "full" else 8, False) for m in chosen]
     out.insert(1, (BASELINE, 8, True))
+    if args.sweep_only:
+        out = out[:1]
     for r in args.ranks:
         out += [(m, r, False) for m in chosen if m in RANK_SWEEP]
     for e in args.experts:

@@ -35,6 +35,9 @@ __all__ = ["AltLoRA", "AltLoRAPlus", "altlora_factor_update"]
 _BATCH_BELOW = 16384
 # per-pair path: work on chunks of pairs of about this many factor entries (0.5 MiB in float32)
 _CHUNK_NUMEL = 131072
+# from this rank on, results for B are laid out like B (see _in_factor_layout); measured by
+# benchmarks/optimizer_step.py
+_FACTOR_LAYOUT_RANK = 16
 _CONVENTIONS = {
     # this library's defaults, each measured in BENCHMARKS.md, section 7.1: both factors updated
     # every step from the same gradient (Table 9's joint update), the full-weight step clipped at
@@ -66,12 +69,12 @@ def _mm(a: torch.Tensor, b: torch.Tensor, add: torch.Tensor | None = None, beta:
 
 
 def _in_factor_layout(x: torch.Tensor) -> bool:
-    """Is the rank-first view ``x`` a transpose (``B^T``)? Then the results computed for it
-    (scaled gradients, moments, the new factor) are laid out like B too, so that elementwise work
-    on B, its gradient and its moments reads memory in order. Transposed reads made that work up
-    to 5x slower; BLAS writes small-r products rank-first faster, which about evens out at r = 8
-    and loses from r = 16 on (``benchmarks/optimizer_step.py``)."""
-    return x.dim() == 2 and x.stride(0) == 1 and x.stride(1) != 1
+    """Are the results computed for the rank-first view ``x`` (scaled gradients, moments, the new
+    factor) laid out like the factor? Yes for ``B^T`` (a transpose) from rank
+    ``_FACTOR_LAYOUT_RANK`` on: elementwise work on B, its gradient and its moments then reads
+    memory in order, where transposed reads made it up to 5x slower. Below that rank, BLAS
+    writes the (r, r) @ (r, m) products rank-first so much faster (3x at r = 8) that those win."""
+    return x.dim() == 2 and x.stride(0) == 1 and x.stride(1) != 1 and x.shape[0] >= _FACTOR_LAYOUT_RANK
 
 
 def _left_mm(op: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -474,9 +477,10 @@ class AltLoRABase(PairedOptimizer):
 
     def _state(self, group: dict, p: torch.Tensor, like: torch.Tensor, factor: str, layout: Layout) -> dict:
         """State of factor ``p``; ``like`` is its (local) rank-first view in the state dtype.
-        Moments have the factor's shape and memory layout (B's are (k, r) tensors, seen
-        rank-first as transposes, see :func:`_in_factor_layout`); for a column-sharded factor
-        they are DTensors sharded like it (:func:`shard_like`). Phases of several steps also keep the factor as it was at
+        Moments have the factor's shape, and its memory layout where the update computes in it
+        (:func:`_in_factor_layout`; below that rank B's moments are transposes of contiguous
+        (r, k) tensors); for a column-sharded factor they are DTensors sharded like it
+        (:func:`shard_like`). Phases of several steps also keep the factor as it was at
         the phase's start (``phase_start``). The keys never change, as checkpoint tools that load
         into a template expect."""
         st = self.state[p]
@@ -484,7 +488,8 @@ class AltLoRABase(PairedOptimizer):
             dev, dt, r = like.device, like.dtype, like.shape[0]
 
             def zeros() -> torch.Tensor:
-                return shard_like(r_first(torch.zeros_like(like), factor), p, layout)
+                z = torch.zeros_like(like) if _in_factor_layout(like) else torch.zeros(like.shape, dtype=dt, device=dev)
+                return shard_like(r_first(z, factor), p, layout)
 
             st["exp_avg"] = zeros()
             if self._second_moment:
