@@ -288,6 +288,60 @@ def test_moment_layout_is_a_speed_choice_only(cls, monkeypatch):
     assert all(rel(x, y) < 1e-12 for x, y in zip(st1, st2))
 
 
+@pytest.mark.parametrize("plus", [False, True], ids=["altlora", "altlora_plus"])
+def test_in_place_directions_give_the_pure_update(plus):
+    """With ``x_gram`` (joint updates: the caller writes ``X <- (1 - lr wd) X - (lr / bc1) D`` in
+    place, the basis change comes from ``X X^T``) and without it (new tensors), the kernel makes
+    one update: float64, four pairs with weight decay, bias correction and a non-finite gradient."""
+    g = torch.Generator().manual_seed(3)
+    n, r, m = 4, 3, 11
+    xs = [torch.randn(r, m, generator=g, dtype=DT) for _ in range(n)]
+    ys = [torch.randn(r, 7, generator=g, dtype=DT) for _ in range(n)]
+    grads = [torch.randn(r, m, generator=g, dtype=DT) for _ in range(n)]
+    grads[2][1, 4] = float("nan")
+    moments = [torch.randn(r, m, generator=g, dtype=DT) for _ in range(n)]
+    seconds = [torch.rand(r, m, generator=g, dtype=DT) for _ in range(n)] if plus else None
+    gram = torch.stack([y @ y.T for y in ys])
+    cross = gram + 0.1 * torch.randn(n, r, r, generator=g, dtype=DT)
+    kw = dict(inv_s2=0.25, lr=0.05, beta1=0.9, beta2=0.99 if plus else 0.0, eps=1e-8 if plus else 0.0,
+              weight_decay=0.1, ridge=1e-3, bc1=0.5, bc2=0.3 if plus else 1.0, clip_coef=0.7)
+    x_new, m_a, v_a, ok_a, cross_a = altlora_module.altlora_factor_update(
+        xs, grads, [t.clone() for t in moments], seconds, gram, cross, starts=xs, **kw)
+    x_gram = torch.stack([x @ x.T for x in xs])
+    d, m_b, v_b, ok_b, cross_b = altlora_module.altlora_factor_update(
+        xs, grads, [t.clone() for t in moments], seconds, gram, cross, x_gram=x_gram, **kw)
+    assert ok_a.tolist() == ok_b.tolist() == [True, True, False, True]
+    a, b = 1 - kw["lr"] * kw["weight_decay"], kw["lr"] / kw["bc1"]
+    # float64, one step of well-conditioned algebra: the two routes round differently
+    for i in range(n):
+        assert rel(x_new[i], a * xs[i] - b * d[i] if ok_b[i] else xs[i]) < 1e-14
+        assert rel(m_a[i], m_b[i]) < 1e-14
+        if plus:
+            assert rel(v_a[i], v_b[i]) < 1e-14
+    assert torch.equal(m_b[2], moments[2]) and rel(cross_b[2], x_gram[2]) < 1e-15  # the skipped pair
+    assert rel(cross_a, cross_b) < 1e-13
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=IDS)
+def test_joint_updates_write_the_factors_in_place(cls, monkeypatch):
+    """Joint updates know each factor's Gram (the other half-step's), so the kernel returns
+    directions and ``_apply`` writes the parameters in place; alternation forms new factors."""
+    pure = altlora_module.altlora_factor_update
+    calls = []
+    monkeypatch.setattr(altlora_module, "altlora_factor_update",
+                        lambda *a, **k: calls.append(k["x_gram"] is not None) or pure(*a, **k))
+    for mode, expected in (("joint", [True, True]), ("alternating", [False])):
+        calls.clear()
+        prob, s = Problem(), 2.0
+        A, B = prob.params(s)
+        opt = cls(pairs=[(A, B, s)], lr=1e-2, mode=mode)
+        prob.backward(A, B, s)
+        a0, storage = A.detach().clone(), A.data_ptr()
+        opt.step()
+        assert calls == expected and A.data_ptr() == storage
+        assert not torch.equal(A.detach(), a0)  # B is not zero: A moves first when alternating
+
+
 @pytest.mark.parametrize("cls", CLASSES, ids=IDS)
 def test_a_gram_that_is_not_positive_definite_skips_that_factor(cls):
     """With no ridge and PEFT's B = 0, A's system ``B^T B`` is singular: A is left as it was (and

@@ -25,8 +25,8 @@ import torch
 
 from ..validate import check_betas, check_range
 from .paired import Clip, PairBucket, PairedOptimizer, state_dtype_for
-from .sharding import (OTHER, Layout, all_reduce_and, as_local, shard_like, all_reduce_sum, full, layout_of, local_r_first, r_first,
-                       write_r_first)
+from .sharding import (OTHER, Layout, all_reduce_and, as_local, shard_like, all_reduce_sum, full, is_dtensor, layout_of,
+                       local_r_first, r_first, write_r_first)
 
 __all__ = ["AltLoRA", "AltLoRAPlus", "altlora_factor_update"]
 
@@ -191,6 +191,7 @@ def altlora_factor_update(
     starts: list[torch.Tensor] | None = None,
     inverse: tuple[torch.Tensor, torch.Tensor] | None = None,
     scaled: list[torch.Tensor] | None = None,
+    x_gram: torch.Tensor | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor] | None, torch.Tensor, torch.Tensor | None]:
     """One AltLoRA / AltLoRA+ half-step on ``n`` factors (pure function, like ``torch.optim``'s
     functional ``adamw``: lists in, new lists out).
@@ -215,50 +216,86 @@ def altlora_factor_update(
             already computed.
         scaled: ``K^-1 grads`` (:func:`lifted_sq_norms`), if already computed (clipping needs
             them first); they are overwritten.
+        x_gram: ``X X^T`` (n, r, r) of whole factors, for a caller that writes them in place
+            (joint updates have it: the other half-step's Gram), the phase starting at X (``starts``
+            is not used). The new factors are then not formed (no factor-sized temporary, no copy): ``xs_new`` holds the directions D,
+            ``X_new = (1 - lr wd) X - (lr / bc1) D``, and ``cross_new`` the basis change of a
+            one-step phase, ``X_new X^T = (1 - lr wd) X X^T - (lr / bc1) D X^T``. A pair's update
+            is valid if ``D`` (and V) are finite and the bound ``(1 - lr wd) ||X|| + (lr / bc1)
+            ||D||`` on ``||X_new||`` squares to a finite number; pairs that are not ``ok`` must
+            not be written.
 
     The r x r operators ``beta1 K^-1 (Y Y_prev^T)`` (the momentum's basis change, Theorem 2 /
     Corollary 2) and ``K^-1`` (Theorem 1 / Corollary 1), ``K = Y Y^T + lam I``, are applied to
     the (r, m) tensors by matmul (:func:`ridge_inverse`).
 
     Returns ``(xs_new, exp_avgs_new, exp_avg_sqs_new, ok, cross_new)``, ``cross_new`` the basis
-    change ``X_new starts^T`` (None without ``starts``); pairs with ``ok == False`` (non-finite
-    gradient or update, or a Gram that is not positive definite) come back unchanged (their
-    input tensors, and ``X starts^T``).
+    change ``X_new starts^T`` (None without ``starts`` or ``x_gram``); pairs with ``ok == False``
+    (non-finite gradient or update, or a Gram that is not positive definite) come back unchanged
+    (their input tensors, and ``X starts^T``).
     """
-    kinv, info = ridge_inverse(gram, ridge) if inverse is None else inverse
-    carry = _per_pair(beta1 * (kinv @ cross), xs)
-    # what multiplies S = K^-1 grad: clip / s^2, and (1 - b1) for Algorithm 1 (whose moment is
-    # accumulated in place on the scaled gradient)
-    factor = clip_coef * inv_s2 * (1.0 if exp_avg_sqs is not None else 1 - beta1)
-    if scaled is None:
-        scale = _per_pair(factor * kinv, xs)
-        g_scaled = [_left_mm(q, g, x) for q, g, x in zip(scale, grads, xs)]
-    else:
-        g_scaled = _scale(scaled, factor)
+    carry, g_scaled, info = _operators(grads, xs, gram, cross, exp_avg_sqs is not None, ridge=ridge, beta1=beta1,
+                                       clip_coef=clip_coef, inv_s2=inv_s2, inverse=inverse, scaled=scaled)
+    decay, step = 1 - lr * weight_decay, lr / bc1
     x_new, m_new, v_new, norms, crosses_new = [], [], None if exp_avg_sqs is None else [], [], []
     for part in _chunks(xs):
-        x, m, v, checked = _moments_and_step(
-            xs[part], g_scaled[part], exp_avgs[part], None if exp_avg_sqs is None else exp_avg_sqs[part],
-            carry[part], lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, bc1=bc1, bc2=bc2)
+        d, m, v = _moments_and_direction(g_scaled[part], exp_avgs[part],
+                                         None if exp_avg_sqs is None else exp_avg_sqs[part], carry[part],
+                                         beta1=beta1, beta2=beta2, eps=eps, bc2=bc2)
+        if x_gram is not None:  # the caller writes X <- decay X - step D
+            x, x_starts = d, xs[part]
+        else:  # X - lr (D / bc1 + wd X), into D's buffer where D is a temporary (Algorithm 2)
+            x = (list(torch._foreach_add(xs[part], d, alpha=-step)) if v is None
+                 else [torch.add(x, dd, alpha=-step, out=dd) for x, dd in zip(xs[part], d)])
+            if weight_decay:
+                torch._foreach_add_(x, xs[part], alpha=-lr * weight_decay)
+            x_starts = None if starts is None else starts[part]
         x_new += x
         m_new += m
         if v is not None:
             v_new += v
-        norms.append(_pair_norms(checked, len(x) if x[0].dim() == 2 else x[0].shape[0]))
-        if starts is not None:
-            crosses_new.append(pair_products(x, starts[part]))
-    cross_new = torch.cat(crosses_new) if starts is not None else None
+        # V is not finite exactly when the squared scaled gradient is not
+        norms.append(_pair_norms(x + (v or []), len(x) if x[0].dim() == 2 else x[0].shape[0]))
+        if x_starts is not None:
+            crosses_new.append(pair_products(x, x_starts))
     # A non-finite gradient always reaches X_new (K^-1 has a positive diagonal). The 2-norm also
     # flags entries whose square overflows: such a factor would break the next step's Gram.
-    ok = (info == 0) & torch.cat(norms, dim=1).isfinite().all(0)
+    norms = torch.cat(norms, dim=1)
+    ok = (info == 0) & norms.isfinite().all(0)
+    if x_gram is not None:
+        bound = decay * x_gram.diagonal(dim1=-2, dim2=-1).sum(-1).sqrt() + step * norms[0]
+        ok &= (bound * bound).isfinite()
+        cross_new = decay * x_gram - step * torch.cat(crosses_new)
+        starts = xs  # a failed pair's basis change is X X^T
+    else:
+        cross_new = torch.cat(crosses_new) if starts is not None else None
     if sync_ok is not None:
         ok = sync_ok(ok)
     if not bool(ok.all()):  # pairs that are not ok keep their input tensors
-        x_new, m_new = _keep_failed(ok, x_new, xs), _keep_failed(ok, m_new, exp_avgs)
+        x_new = x_new if x_gram is not None else _keep_failed(ok, x_new, xs)
+        m_new = _keep_failed(ok, m_new, exp_avgs)
         v_new = None if v_new is None else _keep_failed(ok, v_new, exp_avg_sqs)
         if cross_new is not None:
-            cross_new = torch.where(ok.view(-1, 1, 1), cross_new, pair_products(xs, starts))
+            kept = x_gram if x_gram is not None else pair_products(xs, starts)
+            cross_new = torch.where(ok.view(-1, 1, 1), cross_new, kept)
     return x_new, m_new, v_new, ok, cross_new
+
+
+def _operators(grads: list[torch.Tensor], xs: list[torch.Tensor], gram: torch.Tensor, cross: torch.Tensor,
+               second_moment: bool, *, ridge: torch.Tensor | float, beta1: float, clip_coef: torch.Tensor | float,
+               inv_s2: torch.Tensor | float, inverse: tuple[torch.Tensor, torch.Tensor] | None,
+               scaled: list[torch.Tensor] | None) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """The momentum operators ``carry = b1 K^-1 C`` per pair, the scaled gradients
+    ``clip K^-1 grad / s^2`` (times ``1 - b1`` for Algorithm 1, whose moment is accumulated on
+    them in place) and Cholesky's ``info``."""
+    kinv, info = ridge_inverse(gram, ridge) if inverse is None else inverse
+    carry = _per_pair(beta1 * (kinv @ cross), xs)
+    factor = clip_coef * inv_s2 * (1.0 if second_moment else 1 - beta1)
+    if scaled is None:
+        g_scaled = [_left_mm(q, g, x) for q, g, x in zip(_per_pair(factor * kinv, xs), grads, xs)]
+    else:
+        g_scaled = _scale(scaled, factor)
+    return carry, g_scaled, info
 
 
 def _scale(ts: list[torch.Tensor], factor: torch.Tensor | float) -> list[torch.Tensor]:
@@ -274,31 +311,25 @@ def _scale(ts: list[torch.Tensor], factor: torch.Tensor | float) -> list[torch.T
     return ts
 
 
-def _moments_and_step(xs: list[torch.Tensor], g_scaled: list[torch.Tensor], exp_avgs: list[torch.Tensor],
-                      exp_avg_sqs: list[torch.Tensor] | None, carry: list[torch.Tensor], *, lr: float, beta1: float,
-                      beta2: float, eps: float, weight_decay: float, bc1: float,
-                      bc2: float) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor] | None,
-                                           list[torch.Tensor]]:
+def _moments_and_direction(g_scaled: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+                           exp_avg_sqs: list[torch.Tensor] | None, carry: list[torch.Tensor], *, beta1: float,
+                           beta2: float, eps: float, bc2: float
+                           ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor] | None]:
     """Algorithm 1 or 2 on some pairs, given the momentum operators ``carry = b1 K^-1 C`` and the
-    scaled gradients ``clip K^-1 grad / s^2`` (times ``1 - b1`` for Algorithm 1): new factors,
-    moments, and the tensors whose finiteness decides whether each pair's update is valid."""
-    if exp_avg_sqs is None:   # Algorithm 1: M = K^-1 (b1 C M + (1-b1) g / s^2), summed in place
+    scaled gradients (:func:`_operators`): the directions D (``X_new = X - lr (D / bc1 + wd X)``),
+    the new moments (first in the scaled gradients' buffers) and the new second moments."""
+    if exp_avg_sqs is None:   # Algorithm 1: M = K^-1 (b1 C M + (1-b1) g / s^2), summed in place; D = M
         m_new = [_mm(c, m, add=gs) for c, gs, m in zip(carry, g_scaled, exp_avgs)]
-        x_new = list(torch._foreach_add(xs, m_new, alpha=-lr / bc1))
-        v_new, checked = None, x_new
-    else:                     # Algorithm 2: the scaled gradient also feeds the second moment
-        v_new = list(torch._foreach_mul(exp_avg_sqs, beta2))
-        torch._foreach_addcmul_(v_new, g_scaled, g_scaled, value=1 - beta2)
-        m_new = [_mm(c, m, add=gs, beta=1 - beta1) for gs, c, m in zip(g_scaled, carry, exp_avgs)]
-        denom = torch._foreach_sqrt(v_new)
-        if bc2 != 1.0:
-            torch._foreach_div_(denom, math.sqrt(bc2))
-        torch._foreach_add_(denom, eps)
-        x_new = [torch.addcdiv(x, m, d, value=-lr / bc1, out=d) for x, m, d in zip(xs, m_new, denom)]
-        checked = x_new + v_new   # V is not finite exactly when the squared scaled gradient is not
-    if weight_decay:                 # X <- X - lr (direction + wd X)
-        torch._foreach_add_(x_new, xs, alpha=-lr * weight_decay)
-    return x_new, m_new, v_new, checked
+        return m_new, m_new, None
+    # Algorithm 2: the scaled gradient also feeds the second moment; D = M / (sqrt(V / bc2) + eps)
+    v_new = list(torch._foreach_mul(exp_avg_sqs, beta2))
+    torch._foreach_addcmul_(v_new, g_scaled, g_scaled, value=1 - beta2)
+    m_new = [_mm(c, m, add=gs, beta=1 - beta1) for gs, c, m in zip(g_scaled, carry, exp_avgs)]
+    denom = torch._foreach_sqrt(v_new)
+    if bc2 != 1.0:
+        torch._foreach_div_(denom, math.sqrt(bc2))
+    torch._foreach_add_(denom, eps)
+    return [torch.div(m, d, out=d) for m, d in zip(m_new, denom)], m_new, v_new
 
 
 def _pair_norms(ts: list[torch.Tensor], n: int) -> torch.Tensor:
@@ -336,12 +367,14 @@ class _HalfStep:
     batched: bool
     inverse: tuple[torch.Tensor, torch.Tensor]  # (Y Y^T + lam I)^-1 and Cholesky's info
     scaled: list[torch.Tensor] | None = None  # K^-1 G, when clipping computed them first
+    x_gram: torch.Tensor | None = None  # X X^T, when the update may write X in place (joint updates)
 
 
 @dataclass
 class _HalfUpdate:
-    """What a half-step writes: new factor values and moments (lists, per pair), which pairs are
-    ``ok``, and the basis change (or phase-start snapshots) for the other factor's momentum."""
+    """What a half-step writes: new factor values (or the directions to apply in place) and
+    moments (lists, per pair), which pairs are ``ok``, and the basis change (or phase-start
+    snapshots) for the other factor's momentum."""
 
     X: list[torch.Tensor]
     M: list[torch.Tensor]
@@ -349,6 +382,7 @@ class _HalfUpdate:
     ok: torch.Tensor
     cross: torch.Tensor | None
     snapshots: list[torch.Tensor] | None
+    in_place: tuple[float, float] | None = None  # X holds directions D: X <- a X - b D, (a, b)
 
 
 class AltLoRABase(PairedOptimizer):
@@ -460,9 +494,17 @@ class AltLoRABase(PairedOptimizer):
     # ---------------------------------------------------------------- step
     def _read(self, group: dict) -> list[_HalfStep]:
         self._resolve_first(group)
-        return [self._gather(group, bucket, factor)
-                for factor in self._active(group, group["step"])
-                for bucket in self.pair_buckets(group, needs_grad=factor)]
+        halves = [self._gather(group, bucket, factor)
+                  for factor in self._active(group, group["step"])
+                  for bucket in self.pair_buckets(group, needs_grad=factor)]
+        # Joint updates: a factor's Gram X X^T is the other half-step's Y Y^T, so its update can
+        # be written in place (altlora_factor_update's x_gram) where X is a whole tensor of the
+        # state dtype.
+        grams = {(h.factor, tuple(h.bucket.index)): h.gram for h in halves}
+        for h in halves:
+            if h.x_lay == Layout() and h.params[0].dtype == h.X[0].dtype and not is_dtensor(h.params[0]):
+                h.x_gram = grams.get((OTHER[h.factor], tuple(h.bucket.index)))
+        return halves
 
     def _clip(self, reads: list[tuple[dict, list[_HalfStep]]]) -> Clip:
         """Global clipping of the full-weight steps (:func:`lifted_sq_norms`), with the aux tensors."""
@@ -566,13 +608,17 @@ class AltLoRABase(PairedOptimizer):
             else:
                 starts = [r_first(as_local(x), factor) for x in saved]
                 starts = [torch.stack(starts)] if h.batched else starts
+        lr, wd = group["lr"], group["weight_decay"]
+        # a one-step phase of whole factors whose Gram is known: _apply writes them in place
+        x_gram = h.x_gram if starts is X else None
         X_new, M_new, V_new, ok, cross_new = altlora_factor_update(
-            X, h.G, h.M, h.V, h.gram, basis, inv_s2=h.inv_s2, lr=group["lr"], beta1=beta1, beta2=beta2,
-            eps=eps, weight_decay=group["weight_decay"], ridge=h.ridge, bc1=bc1, bc2=bc2,
+            X, h.G, h.M, h.V, h.gram, basis, inv_s2=h.inv_s2, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+            weight_decay=wd, ridge=h.ridge, bc1=bc1, bc2=bc2,
             clip_coef=1.0 if clip.coef is None else clip.coef.to(h.gram.dtype),
-            sync_ok=lambda flags: all_reduce_and(flags, h.x_lay), starts=starts,
-            inverse=h.inverse, scaled=h.scaled,
+            sync_ok=lambda flags: all_reduce_and(flags, h.x_lay), starts=starts, inverse=h.inverse,
+            scaled=h.scaled, x_gram=x_gram,
         )
+        in_place = None if x_gram is None else (1 - lr * wd, lr / bc1)
         self._raise_if_nonfinite(group, h.bucket.index, ok, f"factor {factor}")
         cross_out = None if cross_new is None else all_reduce_sum(cross_new, h.x_lay)
         snapshots = None
@@ -581,13 +627,22 @@ class AltLoRABase(PairedOptimizer):
         if h.batched:
             X_new, M_new = list(X_new[0].unbind(0)), list(M_new[0].unbind(0))
             V_new = list(V_new[0].unbind(0)) if V_new is not None else None
-        return _HalfUpdate(X_new, M_new, V_new, ok, cross_out, snapshots)
+        return _HalfUpdate(X_new, M_new, V_new, ok, cross_out, snapshots, in_place)
 
     def _apply(self, group: dict, h: _HalfStep, u: _HalfUpdate) -> None:
         factor, states = h.factor, h.x_states
         if u.snapshots is not None:  # the factor at this phase's start, in its own layout
             torch._foreach_copy_([r_first(as_local(s["phase_start"]), factor) for s in states], u.snapshots)
-        write_r_first(h.params, factor, h.x_lay, u.X)
+        if u.in_place is None:
+            write_r_first(h.params, factor, h.x_lay, u.X)
+        else:  # X <- a X - b D on the pairs that are ok
+            a, b = u.in_place
+            keep = [True] * len(u.X) if bool(u.ok.all()) else u.ok.tolist()
+            xs = [r_first(p, factor) for p, good in zip(h.params, keep) if good]
+            if xs and a != 1.0:
+                torch._foreach_mul_(xs, a)
+            if xs:
+                torch._foreach_add_(xs, [d for d, good in zip(u.X, keep) if good], alpha=-b)
         # adopt the new moment tensors (no copy) in the factor's own layout
         for s, m, p in zip(states, u.M, h.params):
             s["exp_avg"] = shard_like(r_first(m, factor), p, h.x_lay)
