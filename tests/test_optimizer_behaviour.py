@@ -356,6 +356,24 @@ def test_a_gram_that_is_not_positive_definite_skips_that_factor(cls):
     assert opt.stats()["skipped_steps"] == 1
 
 
+def test_a_skipped_factor_is_left_out_of_the_clipped_norm():
+    """B of rank 1 (r = 3) and no ridge: A's system is singular though A's gradient is not zero.
+    A is skipped, and the clipped norm is B's full-weight step alone, ``||G Proj_r(A)||``."""
+    prob, s = Problem(), 2.0
+    A, B = prob.params(s)
+    with torch.no_grad():
+        B[:, 1:] = 0
+    opt = AltLoRA(pairs=[(A, B, s)], lr=1e-2, ridge=0.0, max_grad_norm=1e9)
+    G = prob.full_grad(A.detach(), B.detach(), s)
+    prob.backward(A, B, s)
+    assert A.grad.abs().max() > 0
+    a = A.detach().clone()
+    expected = (G @ a.T @ torch.linalg.solve(a @ a.T, a)).norm()
+    opt.step()
+    assert torch.equal(A.detach(), a)
+    assert rel(opt.last_grad_norm, expected) < 1e-12  # float64, as the clipping tests
+
+
 def test_stats_reports_phase_skips_and_gram_conditions():
     model = tiny_peft_llama()
     opt = AltLoRA(model, lr=1e-2, first="B", mode="alternating")

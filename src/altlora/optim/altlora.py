@@ -498,11 +498,11 @@ class AltLoRABase(PairedOptimizer):
                   for factor in self._active(group, group["step"])
                   for bucket in self.pair_buckets(group, needs_grad=factor)]
         # Joint updates: a factor's Gram X X^T is the other half-step's Y Y^T, so its update can
-        # be written in place (altlora_factor_update's x_gram) where X is a whole tensor of the
-        # state dtype.
+        # be written in place (altlora_factor_update's x_gram) where X is a whole tensor (not an
+        # FSDP2 shard) of the state dtype (not a cast copy).
         grams = {(h.factor, tuple(h.bucket.index)): h.gram for h in halves}
         for h in halves:
-            if h.x_lay == Layout() and h.params[0].dtype == h.X[0].dtype and not is_dtensor(h.params[0]):
+            if not is_dtensor(h.params[0]) and h.params[0].dtype == h.X[0].dtype:
                 h.x_gram = grams.get((OTHER[h.factor], tuple(h.bucket.index)))
         return halves
 
@@ -580,8 +580,10 @@ class AltLoRABase(PairedOptimizer):
     def _lifted_sq_norms(group: dict, h: _HalfStep) -> torch.Tensor:
         """The clipped norms of one half-step; keeps its scaled gradients for :meth:`_compute`."""
         scaling = torch.tensor(h.bucket.scaling, dtype=h.gram.dtype, device=h.gram.device)
-        sq, h.scaled = lifted_sq_norms(h.G, h.inverse[0], h.X, inv_s2=h.inv_s2, scaling=scaling, ridge=h.ridge)
-        return all_reduce_sum(sq, h.x_lay)
+        kinv, info = h.inverse
+        sq, h.scaled = lifted_sq_norms(h.G, kinv, h.X, inv_s2=h.inv_s2, scaling=scaling, ridge=h.ridge)
+        # a pair whose K is not positive definite is skipped: left out, as non-finite ones are
+        return all_reduce_sum(torch.where(info == 0, sq, 0.0), h.x_lay)
 
     def _compute(self, group: dict, h: _HalfStep, clip: Clip) -> _HalfUpdate:
         """Algorithm 1 or 2 for one half-step (:func:`altlora_factor_update`), plus the Theorem 2
