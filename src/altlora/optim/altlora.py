@@ -266,7 +266,6 @@ def altlora_factor_update(
         bound = decay * x_gram.diagonal(dim1=-2, dim2=-1).sum(-1).sqrt() + step * norms[0]
         ok &= (bound * bound).isfinite()
         cross_new = decay * x_gram - step * torch.cat(crosses_new)
-        starts = xs  # a failed pair's basis change is X X^T
     else:
         cross_new = torch.cat(crosses_new) if starts is not None else None
     if sync_ok is not None:
@@ -276,7 +275,7 @@ def altlora_factor_update(
         m_new = _keep_failed(ok, m_new, exp_avgs)
         v_new = None if v_new is None else _keep_failed(ok, v_new, exp_avg_sqs)
         if cross_new is not None:
-            kept = x_gram if x_gram is not None else pair_products(xs, starts)
+            kept = x_gram if x_gram is not None else pair_products(xs, starts)  # X starts^T
             cross_new = torch.where(ok.view(-1, 1, 1), cross_new, kept)
     return x_new, m_new, v_new, ok, cross_new
 
