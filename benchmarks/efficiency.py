@@ -129,6 +129,9 @@ def parse_args() -> argparse.Namespace:
     args.rounds = args.rounds or (3 if args.quick else 8)
     args.batch = args.batch or (1 if args.quick else 2)
     args.seq = args.seq or (32 if args.quick else 64)
+    if args.sweep_only and not (args.ranks or args.experts):
+        p.error("--sweep-only measures only the workers of --ranks / --experts besides LoRA r = 8: give "
+                "at least one, e.g. --ranks 128")
     if args.steps < 2 or args.steps % 2 or args.rounds < 2:
         p.error("--steps must be even and >= 2, --rounds >= 2")
     return args

@@ -217,10 +217,11 @@ def altlora_factor_update(
         scaled: ``K^-1 grads`` (:func:`lifted_sq_norms`), if already computed (clipping needs
             them first); they are overwritten.
         x_gram: ``X X^T`` (n, r, r) of whole factors, for a caller that writes them in place
-            (joint updates have it: the other half-step's Gram), the phase starting at X (``starts``
-            is not used). The new factors are then not formed (no factor-sized temporary, no copy): ``xs_new`` holds the directions D,
-            ``X_new = (1 - lr wd) X - (lr / bc1) D``, and ``cross_new`` the basis change of a
-            one-step phase, ``X_new X^T = (1 - lr wd) X X^T - (lr / bc1) D X^T``. A pair's update
+            (joint updates have it: the other half-step's Gram), the phase starting at X
+            (``starts`` is not used). The new factors are then not formed (no factor-sized
+            temporary, no copy): ``xs_new`` holds the directions D, ``X_new = (1 - lr wd) X -
+            (lr / bc1) D``, and ``cross_new`` the basis change of a one-step phase,
+            ``X_new X^T = (1 - lr wd) X X^T - (lr / bc1) D X^T``. A pair's update
             is valid if ``D`` (and V) are finite and the bound ``(1 - lr wd) ||X|| + (lr / bc1)
             ||D||`` on ``||X_new||`` squares to a finite number; pairs that are not ``ok`` must
             not be written.
@@ -638,11 +639,11 @@ class AltLoRABase(PairedOptimizer):
             write_r_first(h.params, factor, h.x_lay, u.X)
         else:  # X <- a X - b D on the pairs that are ok
             a, b = u.in_place
-            keep = [True] * len(u.X) if bool(u.ok.all()) else u.ok.tolist()
+            keep = u.ok.tolist()
             xs = [r_first(p, factor) for p, good in zip(h.params, keep) if good]
-            if xs and a != 1.0:
-                torch._foreach_mul_(xs, a)
             if xs:
+                if a != 1.0:
+                    torch._foreach_mul_(xs, a)
                 torch._foreach_add_(xs, [d for d, good in zip(u.X, keep) if good], alpha=-b)
         # adopt the new moment tensors (no copy) in the factor's own layout
         for s, m, p in zip(states, u.M, h.params):
